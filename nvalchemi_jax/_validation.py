@@ -1,0 +1,171 @@
+"""Host-side checks of user input; every message names the field and the system."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from nvalchemi_jax._elements import MAX_ATOMIC_NUMBER, STANDARD_ATOMIC_MASSES
+
+
+def _where(i: int, sample_id: Any) -> str:
+    return f"system {i} (sample_id {sample_id})"
+
+
+def _as_real(value: Any, field: str, where: str, shape: tuple) -> np.ndarray:
+    """A float64 copy of ``value`` with the expected shape (``-1`` = any length)."""
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
+                                   or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{where}: field '{field}' must be real numbers, got dtype {arr.dtype}")
+    if arr.ndim != len(shape) or any(e != -1 and e != a for e, a in zip(shape, arr.shape)):
+        want = "(" + ", ".join("n" if e == -1 else str(e) for e in shape) + ")"
+        raise ValueError(f"{where}: field '{field}' has shape {arr.shape}, expected {want}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        bad = np.unique(np.argwhere(~np.isfinite(arr))[:, 0])[:10].tolist()
+        raise ValueError(f"{where}: field '{field}' has non-finite values (at rows {bad})")
+    return arr
+
+
+def _per_system(values: Sequence[Any] | None, field: str, n_systems: int) -> Sequence[Any] | None:
+    if values is None:
+        return None
+    if isinstance(values, np.ndarray) and values.ndim >= 1 and len(values) == n_systems:
+        return list(values)
+    values = list(values)
+    if len(values) != n_systems:
+        raise ValueError(f"field '{field}' has {len(values)} entries but there are "
+                         f"{n_systems} systems (one entry per system expected)")
+    return values
+
+
+def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses, fixed,
+                     tags, charges, sample_ids) -> list[dict]:
+    """Check and normalise per-system inputs; returns one dict of float64/int arrays per system."""
+    if positions is None or len(positions) == 0:
+        raise ValueError("no systems given: 'positions' is empty")
+    n_sys = len(positions)
+    atomic_numbers = _per_system(atomic_numbers, "atomic_numbers", n_sys)
+    if atomic_numbers is None:
+        raise ValueError("field 'atomic_numbers' is required")
+    cell = _per_system(cell, "cell", n_sys)
+    pbc = _per_system(pbc, "pbc", n_sys)
+    velocities = _per_system(velocities, "velocities", n_sys)
+    masses = _per_system(masses, "masses", n_sys)
+    fixed = _per_system(fixed, "fixed", n_sys)
+    tags = _per_system(tags, "tags", n_sys)
+    charges = _per_system(charges, "charges", n_sys)
+    if sample_ids is None:
+        sample_ids = list(range(n_sys))
+    sample_ids = list(sample_ids)
+    if len(sample_ids) != n_sys:
+        raise ValueError(f"field 'sample_ids' has {len(sample_ids)} entries but there are "
+                         f"{n_sys} systems")
+    ids = np.asarray(sample_ids)
+    if not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0) or np.any(ids >= 2**31):
+        raise ValueError("field 'sample_ids' must be non-negative integers below 2**31")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"field 'sample_ids' repeats ids {uniq[counts > 1][:10].tolist()}")
+
+    systems = []
+    for i in range(n_sys):
+        where = _where(i, sample_ids[i])
+        z = np.asarray(atomic_numbers[i])
+        if z.ndim != 1:
+            raise ValueError(f"{where}: field 'atomic_numbers' has shape {z.shape}, expected (n,)")
+        if z.dtype == bool or not np.issubdtype(z.dtype, np.integer):
+            raise TypeError(f"{where}: field 'atomic_numbers' must be integers, got dtype {z.dtype}")
+        n = len(z)
+        if n == 0:
+            raise ValueError(f"{where}: the system has no atoms")
+        bad = np.flatnonzero((z < 1) | (z > MAX_ATOMIC_NUMBER))
+        if bad.size:
+            raise ValueError(f"{where}: field 'atomic_numbers' has unknown atomic numbers "
+                             f"{z[bad][:10].tolist()} (at atoms {bad[:10].tolist()}); "
+                             f"expected 1..{MAX_ATOMIC_NUMBER}")
+        pos = _as_real(positions[i], "positions", where, (n, 3))
+        vel = (np.zeros((n, 3)) if velocities is None or velocities[i] is None
+               else _as_real(velocities[i], "velocities", where, (n, 3)))
+        m = (STANDARD_ATOMIC_MASSES[z] if masses is None or masses[i] is None
+             else _as_real(masses[i], "masses", where, (n,)))
+        bad = np.flatnonzero(m <= 0)
+        if bad.size:
+            raise ValueError(f"{where}: field 'masses' must be positive, got {m[bad][:10].tolist()} "
+                             f"at atoms {bad[:10].tolist()}")
+        c = np.zeros((3, 3)) if cell is None or cell[i] is None else _as_real(cell[i], "cell", where, (3, 3))
+        p = np.zeros(3, bool) if pbc is None else np.broadcast_to(np.asarray(pbc[i]), (3,))
+        if p.dtype != bool:
+            raise TypeError(f"{where}: field 'pbc' must be booleans, got dtype {p.dtype}")
+        _check_cell(c, p, where)
+        fx = np.zeros(n, bool) if fixed is None else np.asarray(fixed[i])
+        if fx.shape != (n,) or fx.dtype != bool:
+            raise ValueError(f"{where}: field 'fixed' must be ({n},) bool, got {fx.shape} {fx.dtype}")
+        tg = np.zeros(n, np.int64) if tags is None else np.asarray(tags[i])
+        if tg.shape != (n,) or not np.issubdtype(tg.dtype, np.integer):
+            raise ValueError(f"{where}: field 'tags' must be ({n},) integers, got {tg.shape} {tg.dtype}")
+        q = np.zeros(n) if charges is None else _as_real(charges[i], "charges", where, (n,))
+        systems.append(dict(positions=pos, velocities=vel, atomic_numbers=z.astype(np.int32),
+                            masses=m, cell=c, pbc=p.copy(), fixed=fx, tags=tg.astype(np.int32),
+                            charges=q, sample_id=int(sample_ids[i])))
+    return systems
+
+
+def _check_cell(cell: np.ndarray, pbc: np.ndarray, where: str) -> None:
+    """Periodic lattice vectors must be independent; a full-rank cell must be right-handed."""
+    periodic = cell[pbc]
+    if len(periodic):
+        norms = np.linalg.norm(periodic, axis=1)
+        if np.any(norms < 1e-6):
+            axes = np.flatnonzero(pbc)[norms < 1e-6].tolist()
+            raise ValueError(f"{where}: field 'cell' has a zero lattice vector on periodic axes {axes}")
+        unit = periodic / norms[:, None]
+        gram = np.linalg.det(unit @ unit.T)
+        if gram < 1e-10:
+            raise ValueError(f"{where}: field 'cell' is singular on the periodic axes "
+                             f"{np.flatnonzero(pbc).tolist()} (lattice vectors are linearly dependent)")
+    if pbc.any() and np.all(np.linalg.norm(cell, axis=1) > 1e-6):
+        det = np.linalg.det(cell)
+        if det < 0:
+            raise ValueError(f"{where}: field 'cell' is left-handed (det = {det:.6g} Å³); "
+                             "reorder or negate a lattice vector to make it right-handed")
+
+
+def check_fits(sizes: list[int], sample_ids: list[int], capacity) -> None:
+    """Every system must fit the capacity; the first that does not is named."""
+    if len(sizes) > capacity.num_systems:
+        raise ValueError(f"{len(sizes)} systems do not fit capacity.num_systems = "
+                         f"{capacity.num_systems}")
+    total = 0
+    for i, n in enumerate(sizes):
+        if n > capacity.num_atoms:
+            raise ValueError(f"{_where(i, sample_ids[i])}: {n} atoms exceed capacity.num_atoms = "
+                             f"{capacity.num_atoms}")
+        total += n
+        if total > capacity.num_atoms:
+            raise ValueError(f"{_where(i, sample_ids[i])}: systems 0..{i} hold {total} atoms, "
+                             f"more than capacity.num_atoms = {capacity.num_atoms}")
+
+
+def check_close_atoms(batch, min_distance: float, mode: str) -> None:
+    """Atoms of one system (images included) closer than ``min_distance`` Å: error or warning."""
+    if mode not in ("error", "warn"):
+        raise ValueError(f"on_close_atoms must be 'error', 'warn' or 'ignore', got {mode!r}")
+    from nvalchemi_jax.neighbors import closest_pairs
+
+    dist, atom_i, atom_j = closest_pairs(batch, min_distance)
+    sample_id = np.asarray(batch.sample_id)
+    bad = np.flatnonzero(dist < min_distance)
+    if not bad.size:
+        return
+    lines = [f"{_where(s, sample_id[s])}: atoms {atom_i[s]} and {atom_j[s]} are "
+             f"{dist[s]:.4g} Å apart" for s in bad[:10]]
+    message = (f"field 'positions': atoms closer than min_distance = {min_distance} Å:\n  "
+               + "\n  ".join(lines))
+    if mode == "error":
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=4)

@@ -1,0 +1,8 @@
+"""Interatomic potentials and the model contract (see :mod:`nvalchemi_jax.models.base`)."""
+
+from nvalchemi_jax.models.base import Model, ModelOutput, compute, volume
+from nvalchemi_jax.models.lennard_jones import LennardJones
+from nvalchemi_jax.models.morse import Morse
+from nvalchemi_jax.models.soft_sphere import SoftSphere
+
+__all__ = ["LennardJones", "Model", "ModelOutput", "Morse", "SoftSphere", "compute", "volume"]

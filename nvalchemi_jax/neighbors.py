@@ -1,0 +1,488 @@
+"""On-device neighbor lists for padded batches of systems.
+
+A :class:`NeighborList` is a dense ``(N, K)`` table: row ``i`` holds the atoms
+within ``cutoff + skin`` of atom ``i`` (all of them, both directions, a "full"
+list), padded with the index ``N``; ``shifts (N, K, 3)`` holds the integer
+lattice translation of each neighbor, so the pair vector is::
+
+    d_ij = positions[j] - positions[i] + shifts_ij @ cell[system of i]
+
+Positions need not be wrapped into the cell: shifts refer to the positions the
+list was built from, and stay valid as atoms move continuously.
+
+Two builders, both inside ``jit`` with static shapes, neither pairing atoms of
+different systems:
+
+* ``"all_pairs"``: every atom against every atom of its own system (atoms are
+  grouped by a sort on ``system_index``); the nearest image comes from rounding
+  fractional coordinates, and further images from a static set of extra
+  shifts when a periodic cell is thinner than ``2 (cutoff + skin)``.
+  Best for systems of up to a few hundred atoms.
+* ``"cell_list"``: atoms are hashed into bins of at least ``cutoff + skin``
+  per system (in fractional coordinates, so general triclinic cells work),
+  sorted, and each atom scans the ``(2R+1)^3`` surrounding bins, wrapping
+  periodic axes with an image shift. O(N).
+
+Open axes (``pbc`` False, slabs and clusters) never wrap. Cells thinner than
+the cutoff are handled by images (``max_image_shift`` > 1).
+
+Overflow is never silent: the list records what it needed (neighbors per
+atom, atoms per system or per bin, image shifts) and :attr:`NeighborList.overflow`
+turns true when any of those exceeded the static :class:`NeighborSpec`;
+:func:`grow` makes a larger spec on the host.
+
+A Verlet skin lets :func:`update` keep a list until some atom of a system has
+moved far enough (or its cell changed enough) that a pair could have crossed
+``cutoff``; only those systems get new rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from nvalchemi_jax.batch import Batch, gather_systems
+
+METHODS = ("all_pairs", "cell_list")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborSpec:
+    """Static configuration of a neighbor list (hashable; part of the compiled program).
+
+    cutoff: interaction cutoff in Å (the largest of the models').
+    skin: Verlet skin in Å; pairs within ``cutoff + skin`` are listed.
+    max_neighbors: ``K``, the row width.
+    method: ``"all_pairs"`` or ``"cell_list"`` (see the module docstring).
+    max_atoms_per_system: all_pairs: atoms scanned per system.
+    max_atoms_per_bin: cell_list: atoms scanned per bin.
+    max_image_shift: ``R``: extra periodic images (all_pairs) or bins (cell_list)
+        scanned on each side; 1 for cell lists and 0 for all-pairs unless a
+        periodic cell is thin.
+    block_size: all_pairs: candidates examined per scan step (memory vs speed).
+    """
+
+    cutoff: float
+    skin: float = 0.5
+    max_neighbors: int = 64
+    method: str = "all_pairs"
+    max_atoms_per_system: int = 256
+    max_atoms_per_bin: int = 32
+    max_image_shift: int = 0
+    block_size: int = 256
+
+    def __post_init__(self):
+        if not self.cutoff > 0:
+            raise ValueError(f"NeighborSpec.cutoff must be > 0, got {self.cutoff}")
+        if self.skin < 0:
+            raise ValueError(f"NeighborSpec.skin must be >= 0, got {self.skin}")
+        if self.method not in METHODS:
+            raise ValueError(f"NeighborSpec.method must be one of {METHODS}, got {self.method!r}")
+        for name in ("max_neighbors", "max_atoms_per_system", "max_atoms_per_bin", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"NeighborSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_image_shift < 0:
+            raise ValueError(f"NeighborSpec.max_image_shift must be >= 0, got {self.max_image_shift}")
+
+    @property
+    def list_cutoff(self) -> float:
+        return self.cutoff + self.skin
+
+
+@struct.dataclass
+class NeighborList:
+    """Dense neighbor table plus what the Verlet test and overflow checks need.
+
+    indices: ``(N, K) int32``, padding = ``N``.
+    shifts: ``(N, K, 3) int32`` lattice translations.
+    reference_positions: ``(N, 3)`` positions at the last rebuild of each system.
+    reference_cell: ``(S, 3, 3)`` cells at the last rebuild.
+    max_shift: ``(S, 3) int32`` largest ``|shift|`` per axis in each system's rows.
+    stale: ``(S,) bool`` systems that must be rebuilt at the next :func:`update`.
+    rebuilds: ``(S,) int32`` rebuild counter per system.
+    needed: ``(4,) int32`` largest need seen since allocation: neighbors per atom,
+        atoms per system, atoms per bin, image shift.
+    """
+
+    indices: jax.Array
+    shifts: jax.Array
+    reference_positions: jax.Array
+    reference_cell: jax.Array
+    max_shift: jax.Array
+    stale: jax.Array
+    rebuilds: jax.Array
+    needed: jax.Array
+    spec: NeighborSpec = struct.field(pytree_node=False)
+
+    @property
+    def mask(self) -> jax.Array:
+        """``(N, K) bool``: which entries are real neighbors."""
+        return self.indices < self.indices.shape[0]
+
+    @property
+    def capacities(self) -> jax.Array:
+        s = self.spec
+        if s.method == "all_pairs":
+            return jnp.array([s.max_neighbors, s.max_atoms_per_system, 2**30, s.max_image_shift])
+        return jnp.array([s.max_neighbors, 2**30, s.max_atoms_per_bin, s.max_image_shift])
+
+    @property
+    def overflow(self) -> jax.Array:
+        """Scalar bool: some need exceeded the spec; the list may be missing pairs."""
+        return jnp.any(self.needed > self.capacities)
+
+
+# --------------------------------------------------------------------------- geometry
+def binning_frame(cell: jax.Array, pbc: jax.Array) -> jax.Array:
+    """``(S, 3, 3)`` frame whose periodic rows are the lattice vectors and whose open
+    rows are unit vectors completing an orthogonal basis (so fractional coordinates
+    along open axes are Cartesian projections in Å, and degenerate open rows of the
+    user's cell never matter)."""
+    dtype = cell.dtype
+    eye = jnp.eye(3, dtype=dtype)
+
+    def unit(v):
+        n = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        return v / jnp.where(n > 0, n, 1.0)
+
+    def one(h, p):
+        n_periodic = jnp.sum(p)
+        # Two periodic axes: the open row is the normal of the periodic plane.
+        normals = jnp.stack([unit(jnp.cross(h[(k + 1) % 3], h[(k + 2) % 3])) for k in range(3)])
+        # One periodic axis a: two unit vectors perpendicular to it.
+        axis = jnp.argmax(p)
+        a = unit(h[axis])
+        e = eye[jnp.argmin(jnp.abs(a))]
+        u = unit(e - jnp.dot(e, a) * a)
+        v = jnp.cross(a, u)
+        rows = []
+        for k in range(3):
+            one_axis = jnp.where(k == (axis + 1) % 3, u, v)
+            open_row = jnp.where(n_periodic == 2, normals[k],
+                                 jnp.where(n_periodic == 1, one_axis, eye[k]))
+            rows.append(jnp.where(p[k], h[k], open_row))
+        return jnp.stack(rows)
+
+    return jax.vmap(one)(cell, pbc)
+
+
+def _frame_and_widths(cell, pbc):
+    frame = binning_frame(cell, pbc)
+    inverse = jnp.linalg.inv(frame)
+    # Perpendicular width of the frame along each axis: 1 / |reciprocal vector|.
+    widths = 1.0 / jnp.linalg.norm(inverse, axis=-2)
+    return frame, inverse, widths
+
+
+def _append(carry, j, n, ok):
+    """Append candidates ``j (N, B)`` with shifts ``n (N, B, 3)`` where ``ok`` to the rows."""
+    indices, shifts, count = carry
+    k = indices.shape[1]
+    slot = count[:, None] + jnp.cumsum(ok, axis=1, dtype=jnp.int32) - 1
+    slot = jnp.where(ok & (slot < k), slot, k)
+    rows = jnp.arange(indices.shape[0])[:, None]
+    indices = indices.at[rows, slot].set(j, mode="drop")
+    shifts = shifts.at[rows, slot].set(n, mode="drop")
+    return indices, shifts, count + jnp.sum(ok, axis=1, dtype=jnp.int32)
+
+
+def _pair_ok(positions, frame_i, i, j, n, valid, rc2):
+    """Candidates within the list cutoff that are not an atom paired with itself."""
+    d = positions[j] - positions[i][:, None, :] + jnp.einsum("nbk,nkd->nbd", n.astype(positions.dtype), frame_i)
+    d2 = jnp.sum(d * d, axis=-1)
+    self_pair = (j == i[:, None]) & jnp.all(n == 0, axis=-1)
+    return valid & (d2 < rc2) & ~self_pair
+
+
+def _system_segments(batch: Batch):
+    """Atoms sorted by system: ``order (N,)``, ``start (S,)``, ``count (S,)``."""
+    order = jnp.argsort(batch.system_index, stable=True).astype(jnp.int32)
+    bounds = jnp.searchsorted(batch.system_index[order], jnp.arange(batch.num_systems + 1),
+                              side="left").astype(jnp.int32)
+    return order, bounds[:-1], bounds[1:] - bounds[:-1]
+
+
+# --------------------------------------------------------------------------- builders
+def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
+    n_atoms, dtype = positions.shape[0], positions.dtype
+    rc = spec.list_cutoff
+    sys_i = batch.system_index
+    periodic = gather_systems(batch.pbc, sys_i, False)
+    frame_i = gather_systems(frame, sys_i)
+    frac = jnp.einsum("nd,ndk->nk", positions, gather_systems(inverse, sys_i))
+    order, start, count = _system_segments(batch)
+    start_i = gather_systems(start, sys_i)
+    count_i = jnp.where(batch.atom_mask, gather_systems(count, sys_i), 0)
+    i = jnp.arange(n_atoms, dtype=jnp.int32)
+
+    r = spec.max_image_shift
+    extra = np.array(list(itertools.product(range(-r, r + 1), repeat=3)), np.int32)
+    n_blocks = -(-spec.max_atoms_per_system // spec.block_size)
+    block = min(spec.block_size, spec.max_atoms_per_system)
+    steps = np.array([(b, t) for b in range(n_blocks) for t in range(len(extra))], np.int32)
+
+    def body(carry, step):
+        m = step[0] * block + jnp.arange(block, dtype=jnp.int32)
+        t = jnp.asarray(extra)[step[1]]
+        valid = (m[None, :] < count_i[:, None]) & jnp.all((t == 0) | periodic, axis=-1)[:, None]
+        j = order[jnp.clip(start_i[:, None] + m[None, :], 0, n_atoms - 1)]
+        dfrac = frac[j] - frac[:, None, :]
+        nearest = jnp.where(periodic[:, None, :], -jnp.round(dfrac), 0.0).astype(jnp.int32)
+        n = nearest + jnp.where(periodic, t, 0)[:, None, :]
+        ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
+        return _append(carry, j, n, ok), None
+
+    carry = (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
+             jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int32),
+             jnp.zeros(n_atoms, jnp.int32))
+    (indices, shifts, total), _ = jax.lax.scan(body, carry, jnp.asarray(steps))
+    # Images needed so that every pair within rc is reached from the nearest one.
+    need_r = jnp.where(batch.pbc, jnp.ceil(rc / widths + 0.5) - 1, 0)
+    need_r = jnp.max(jnp.where(batch.system_mask[:, None], need_r, 0)).astype(jnp.int32)
+    needed = jnp.stack([jnp.max(total), jnp.max(count), jnp.int32(0), need_r])
+    return indices, shifts, needed
+
+
+def _build_cell_list(spec, positions, batch, frame, inverse, widths):
+    n_atoms, n_sys = positions.shape[0], batch.num_systems
+    rc = spec.list_cutoff
+    m_bin = spec.max_atoms_per_bin
+    sys_i = batch.system_index
+    pbc = batch.pbc
+    periodic = gather_systems(pbc, sys_i, False)
+    frame_i = gather_systems(frame, sys_i)
+    frac = jnp.einsum("nd,ndk->nk", positions, gather_systems(inverse, sys_i))
+    floor = jnp.where(periodic, jnp.floor(frac), 0.0)
+    wrapped = frac - floor
+    # Open axes: bins start at the system's lowest coordinate.
+    big = jnp.asarray(jnp.finfo(positions.dtype).max, positions.dtype)
+    low = jax.ops.segment_min(jnp.where(batch.atom_mask[:, None], frac, big), sys_i, n_sys)
+    high = jax.ops.segment_max(jnp.where(batch.atom_mask[:, None], frac, -big), sys_i, n_sys)
+    extent = jnp.where(batch.system_mask[:, None], high - low, 0.0)
+    # Per-axis bin cap keeps the global int32 bin key below 2**31.
+    cap = max(1, int(((2**31 - 1) // (n_sys + 1)) ** (1.0 / 3.0)))
+    open_width = jnp.maximum(rc, extent / cap * (1 + 1e-6))
+    nbins = jnp.where(pbc, jnp.clip(jnp.floor(widths / rc), 1, cap),
+                      jnp.clip(jnp.floor(extent / open_width) + 1, 1, cap)).astype(jnp.int32)
+    bin_width = jnp.where(pbc, widths / nbins, open_width)          # Å, perpendicular
+    need_r = jnp.ceil(rc / bin_width)
+    need_r = jnp.max(jnp.where(batch.system_mask[:, None], need_r, 0)).astype(jnp.int32)
+
+    nbins_i = gather_systems(nbins, sys_i, 1)
+    u = jnp.where(periodic, wrapped * nbins_i, (frac - gather_systems(low, sys_i))
+                  / gather_systems(open_width, sys_i, 1.0))
+    b = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, nbins_i - 1)
+    per_system = nbins[:, 0] * nbins[:, 1] * nbins[:, 2]
+    offset = jnp.cumsum(per_system) - per_system
+    offset_i = gather_systems(offset, sys_i)
+
+    def key_of(c, nb):
+        return offset_i + (c[:, 0] * nb[:, 1] + c[:, 1]) * nb[:, 2] + c[:, 2]
+
+    sentinel = jnp.int32(2**31 - 1)
+    keys = jnp.where(batch.atom_mask, key_of(b, nbins_i), sentinel)
+    order = jnp.argsort(keys).astype(jnp.int32)
+    sorted_keys = keys[order]
+    i = jnp.arange(n_atoms, dtype=jnp.int32)
+
+    r = spec.max_image_shift
+    stencil = np.array(list(itertools.product(range(-r, r + 1), repeat=3)), np.int32)
+    m = jnp.arange(m_bin, dtype=jnp.int32)
+
+    def body(carry, o):
+        state, most = carry
+        c = b + o
+        image = jnp.floor_divide(c, nbins_i)
+        inside = jnp.all(periodic | (image == 0), axis=-1) & batch.atom_mask
+        c = c - image * nbins_i
+        key = key_of(c, nbins_i)
+        lo = jnp.searchsorted(sorted_keys, key, side="left").astype(jnp.int32)
+        hi = jnp.searchsorted(sorted_keys, key, side="right").astype(jnp.int32)
+        occupancy = jnp.where(inside, hi - lo, 0)
+        valid = m[None, :] < jnp.minimum(occupancy, m_bin)[:, None]
+        j = order[jnp.clip(lo[:, None] + m[None, :], 0, n_atoms - 1)]
+        image = jnp.where(periodic, image, 0)
+        n = (image + floor.astype(jnp.int32))[:, None, :] - floor.astype(jnp.int32)[j]
+        ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
+        return (_append(state, j, n, ok), jnp.maximum(most, jnp.max(occupancy))), None
+
+    init = ((jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
+             jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int32),
+             jnp.zeros(n_atoms, jnp.int32)), jnp.int32(0))
+    ((indices, shifts, total), most), _ = jax.lax.scan(body, init, jnp.asarray(stencil))
+    needed = jnp.stack([jnp.max(total), jnp.int32(0), most, need_r])
+    return indices, shifts, needed
+
+
+def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
+    """Build the list for every system from scratch (jit-able; ``spec`` is static).
+
+    positions: ``(N, 3)`` Å; cell: ``(S, 3, 3)`` Å.
+    """
+    frame, inverse, widths = _frame_and_widths(cell, batch.pbc)
+    builder = _build_all_pairs if spec.method == "all_pairs" else _build_cell_list
+    indices, shifts, needed = builder(spec, positions, batch, frame, inverse, widths)
+    n_sys = batch.num_systems
+    max_shift = jax.ops.segment_max(jnp.max(jnp.abs(shifts), axis=1), batch.system_index, n_sys)
+    return NeighborList(
+        indices=indices, shifts=shifts, reference_positions=positions, reference_cell=cell,
+        max_shift=jnp.maximum(max_shift, 0), stale=jnp.zeros(n_sys, bool),
+        rebuilds=jnp.zeros(n_sys, jnp.int32), needed=needed.astype(jnp.int32), spec=spec)
+
+
+def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
+    """``(S,) bool``: systems where a pair may have crossed ``cutoff`` since the last build.
+
+    A pair vector changes by at most ``2 max|Δr| + Σ_k |n_k| |Δcell_k|``; the
+    list stays exact while that is below the skin.
+    """
+    moved = jnp.linalg.norm(positions - nl.reference_positions, axis=-1)
+    moved = jax.ops.segment_max(jnp.where(batch.atom_mask, moved, 0.0), batch.system_index,
+                                batch.num_systems)
+    cell_change = jnp.linalg.norm(cell - nl.reference_cell, axis=-1)
+    drift = 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(nl.max_shift * cell_change, axis=-1)
+    too_far = drift > nl.spec.skin
+    if nl.spec.skin == 0:
+        too_far = drift > 0
+    return batch.system_mask & (too_far | nl.stale)
+
+
+def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
+    """Rebuild the rows of the systems that need it (jit-able). Skips all work when none does."""
+    rebuild = needs_rebuild(nl, positions, cell, batch)
+
+    def rebuild_some(nl):
+        new = build(nl.spec, positions, cell, batch)
+        atom = gather_systems(rebuild, batch.system_index, False)
+        pick = lambda a, b, sel: jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
+        return nl.replace(
+            indices=pick(new.indices, nl.indices, atom),
+            shifts=pick(new.shifts, nl.shifts, atom),
+            reference_positions=pick(positions, nl.reference_positions, atom),
+            reference_cell=pick(cell, nl.reference_cell, rebuild),
+            max_shift=pick(new.max_shift, nl.max_shift, rebuild),
+            stale=nl.stale & ~rebuild,
+            rebuilds=nl.rebuilds + rebuild.astype(jnp.int32),
+            needed=jnp.maximum(nl.needed, new.needed),
+        )
+
+    return jax.lax.cond(jnp.any(rebuild), rebuild_some, lambda nl: nl, nl)
+
+
+def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:
+    """Force a rebuild of ``systems (S,) bool`` at the next :func:`update` (e.g. after a refill)."""
+    return nl.replace(stale=nl.stale | systems)
+
+
+# --------------------------------------------------------------------------- pairs
+def pair_vectors(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch):
+    """Pair vectors ``d_ij (N, K, 3)`` Å and their ``mask (N, K)`` (differentiable in
+    positions and cell). Masked entries hold an arbitrary finite vector."""
+    mask = nl.mask
+    j = jnp.where(mask, nl.indices, 0)
+    cell_i = gather_systems(cell, batch.system_index)
+    d = (positions[j] - positions[:, None, :]
+         + jnp.einsum("nkc,ncd->nkd", nl.shifts.astype(positions.dtype), cell_i))
+    return d, mask
+
+
+# --------------------------------------------------------------------------- host side
+def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
+    """A spec large enough for everything ``nl`` has needed so far (host side).
+
+    Capacities that sufficed are kept; those exceeded grow to ``factor`` times the need.
+    """
+    spec = nl.spec
+    needed = [int(x) for x in np.asarray(nl.needed)]
+    more = lambda have, need: have if need <= have else max(have + 1, math.ceil(need * factor))
+    changes = dict(max_neighbors=more(spec.max_neighbors, needed[0]),
+                   max_image_shift=max(spec.max_image_shift, needed[3]))
+    if spec.method == "all_pairs":
+        changes["max_atoms_per_system"] = more(spec.max_atoms_per_system, needed[1])
+    else:
+        changes["max_atoms_per_bin"] = more(spec.max_atoms_per_bin, needed[2])
+    return dataclasses.replace(spec, **changes)
+
+
+_build_jit = jax.jit(build, static_argnums=0)
+
+
+def _system_geometry(batch: Batch, rc: float):
+    """Host-side per-system numbers used to choose a method and first capacities."""
+    _, _, widths = jax.jit(_frame_and_widths)(batch.cell, batch.pbc)
+    widths = np.asarray(widths, float)
+    pbc = np.asarray(batch.pbc)
+    mask = np.asarray(batch.system_mask)
+    n_atoms = np.asarray(batch.n_atoms)
+    positions = np.asarray(batch.positions, float)
+    densities = []
+    filled = np.flatnonzero(mask)
+    for s, idx in zip(filled, batch.system_slices()):
+        extent = np.ptp(positions[idx], axis=0) + rc   # clusters: a box around the atoms
+        lengths = np.where(pbc[s], widths[s], np.maximum(extent, rc))
+        densities.append(n_atoms[s] / np.prod(lengths))
+    return widths[filled], pbc[filled], n_atoms[filled], np.array(densities)
+
+
+def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto",
+             max_neighbors: int | None = None, block_size: int = 256) -> tuple[NeighborSpec, NeighborList]:
+    """Choose a spec for ``batch`` (host side), build the list, and grow until nothing overflows.
+
+    ``method="auto"`` picks all-pairs when a system's atoms are fewer than the
+    candidates a cell list would scan, else the cell list. ``max_neighbors``
+    defaults to ``batch.capacity.max_neighbors`` or, if that is 0, an estimate
+    from the densest system with 25 % headroom.
+    """
+    rc = cutoff + skin
+    widths, pbc, n_atoms, density = _system_geometry(batch, rc)
+    ap_shift = int(np.max(np.where(pbc, np.ceil(rc / widths + 0.5) - 1, 0), initial=0))
+    nbins = np.where(pbc, np.maximum(1, np.floor(widths / rc)), 1)
+    bin_length = np.where(pbc, widths / nbins, rc)
+    cl_shift = int(np.max(np.ceil(rc / bin_length), initial=1))
+    per_bin = int(np.ceil(1.5 * np.max(density * np.prod(bin_length, axis=1)))) + 4
+    cost_all_pairs = int(n_atoms.max()) * (2 * ap_shift + 1) ** 3
+    cost_cell_list = per_bin * (2 * cl_shift + 1) ** 3
+    if method == "auto":
+        method = "all_pairs" if cost_all_pairs <= cost_cell_list else "cell_list"
+    if max_neighbors is None:
+        max_neighbors = batch.capacity.max_neighbors or int(
+            np.ceil(1.25 * float(density.max()) * 4.0 / 3.0 * np.pi * rc**3)) + 8
+    spec = NeighborSpec(cutoff=cutoff, skin=skin, max_neighbors=max_neighbors, method=method,
+                        max_atoms_per_system=max(1, int(n_atoms.max())), max_atoms_per_bin=per_bin,
+                        max_image_shift=ap_shift if method == "all_pairs" else cl_shift,
+                        block_size=block_size)
+    for _ in range(4):
+        nl = _build_jit(spec, batch.positions, batch.cell, batch)
+        if not bool(nl.overflow):
+            return spec, nl
+        spec = grow(nl)
+    raise RuntimeError(f"neighbor list still overflows after growing to {spec}")
+
+
+def closest_pairs(batch: Batch, max_distance: float):
+    """Host side: per filled slot ``s``, the shortest pair distance below ``max_distance``
+    (``inf`` if none) and the two atoms' indices within their system."""
+    spec, nl = allocate(batch, cutoff=max_distance, skin=0.0, max_neighbors=8)
+    d, mask = jax.jit(pair_vectors)(nl, batch.positions, batch.cell, batch)
+    dist = np.where(np.asarray(mask), np.linalg.norm(np.asarray(d, float), axis=-1), np.inf)
+    indices = np.asarray(nl.indices)
+    n_sys = batch.num_systems
+    best = np.full(n_sys, np.inf)
+    atom_i = np.zeros(n_sys, int)
+    atom_j = np.zeros(n_sys, int)
+    filled = np.flatnonzero(np.asarray(batch.system_mask))
+    for s, idx in zip(filled, batch.system_slices()):   # idx is ascending
+        local = dist[idx]
+        if not np.isfinite(local).any():
+            continue
+        row, col = np.unravel_index(np.argmin(local), local.shape)
+        best[s] = local[row, col]
+        atom_i[s] = row
+        atom_j[s] = int(np.searchsorted(idx, indices[idx[row], col]))
+    return best, atom_i, atom_j
