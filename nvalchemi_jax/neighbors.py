@@ -15,8 +15,9 @@ different systems:
 
 * ``"all_pairs"``: every atom against every atom of its own system (atoms are
   grouped by a sort on ``system_index``); the nearest image comes from rounding
-  fractional coordinates, and further images from a static set of extra
-  shifts when a periodic cell is thinner than ``2 (cutoff + skin)``.
+  fractional coordinates, and a system whose periodic cell is thinner than
+  ``2 (cutoff + skin)`` also scans the further images it needs (its own
+  count, so thin cells do not slow down their batch mates).
   Best for systems of up to a few hundred atoms.
 * ``"cell_list"``: atoms are hashed into bins of at least ``cutoff + skin``
   per system (in fractional coordinates, so general triclinic cells work),
@@ -60,11 +61,12 @@ class NeighborSpec:
     skin: Verlet skin in Å; pairs within ``cutoff + skin`` are listed.
     max_neighbors: ``K``, the row width.
     method: ``"all_pairs"`` or ``"cell_list"`` (see the module docstring).
-    max_atoms_per_system: all_pairs: atoms scanned per system.
+    max_candidates: all_pairs: candidates scanned per system, its atoms times
+        its periodic images (1 image unless a periodic cell is thinner than
+        ``2 (cutoff + skin)``).
     max_atoms_per_bin: cell_list: atoms scanned per bin.
-    max_image_shift: ``R``: extra periodic images (all_pairs) or bins (cell_list)
-        scanned on each side; 1 for cell lists and 0 for all-pairs unless a
-        periodic cell is thin.
+    max_image_shift: cell_list: ``R``, bins scanned on each side (1 unless a
+        periodic cell is thinner than ``cutoff + skin``).
     block_size: all_pairs: candidates examined per scan step (memory vs speed).
     """
 
@@ -72,9 +74,9 @@ class NeighborSpec:
     skin: float = 0.5
     max_neighbors: int = 64
     method: str = "all_pairs"
-    max_atoms_per_system: int = 256
+    max_candidates: int = 256
     max_atoms_per_bin: int = 32
-    max_image_shift: int = 0
+    max_image_shift: int = 1
     block_size: int = 256
 
     def __post_init__(self):
@@ -84,7 +86,7 @@ class NeighborSpec:
             raise ValueError(f"NeighborSpec.skin must be >= 0, got {self.skin}")
         if self.method not in METHODS:
             raise ValueError(f"NeighborSpec.method must be one of {METHODS}, got {self.method!r}")
-        for name in ("max_neighbors", "max_atoms_per_system", "max_atoms_per_bin", "block_size"):
+        for name in ("max_neighbors", "max_candidates", "max_atoms_per_bin", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NeighborSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_image_shift < 0:
@@ -107,7 +109,7 @@ class NeighborList:
     stale: ``(S,) bool`` systems that must be rebuilt at the next :func:`update`.
     rebuilds: ``(S,) int32`` rebuild counter per system.
     needed: ``(4,) int32`` largest need seen since allocation: neighbors per atom,
-        atoms per system, atoms per bin, image shift.
+        candidates per system (all_pairs), atoms per bin and bin shift (cell_list).
     """
 
     indices: jax.Array
@@ -129,7 +131,7 @@ class NeighborList:
     def capacities(self) -> jax.Array:
         s = self.spec
         if s.method == "all_pairs":
-            return jnp.array([s.max_neighbors, s.max_atoms_per_system, 2**30, s.max_image_shift])
+            return jnp.array([s.max_neighbors, s.max_candidates, 2**30, 2**30])
         return jnp.array([s.max_neighbors, 2**30, s.max_atoms_per_bin, s.max_image_shift])
 
     @property
@@ -210,42 +212,49 @@ def _system_segments(batch: Batch):
 
 # --------------------------------------------------------------------------- builders
 def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
-    n_atoms, dtype = positions.shape[0], positions.dtype
+    n_atoms = positions.shape[0]
     rc = spec.list_cutoff
     sys_i = batch.system_index
     periodic = gather_systems(batch.pbc, sys_i, False)
     frame_i = gather_systems(frame, sys_i)
     frac = jnp.einsum("nd,ndk->nk", positions, gather_systems(inverse, sys_i))
     order, start, count = _system_segments(batch)
+    # Images beyond the nearest one that can still lie within rc, per system and axis:
+    # the candidates of a system are its atoms times its own image count.
+    reach = jnp.where(batch.pbc & batch.system_mask[:, None],
+                      jnp.ceil(rc / widths + 0.5) - 1, 0).astype(jnp.int32)
+    radix = 2 * reach + 1
+    images = radix[:, 0] * radix[:, 1] * radix[:, 2]
+    candidates = count * images
     start_i = gather_systems(start, sys_i)
-    count_i = jnp.where(batch.atom_mask, gather_systems(count, sys_i), 0)
+    candidates_i = jnp.where(batch.atom_mask, gather_systems(candidates, sys_i), 0)
+    images_i = gather_systems(images, sys_i, 1)
+    reach_i = gather_systems(reach, sys_i)
+    radix_i = 2 * reach_i + 1
     i = jnp.arange(n_atoms, dtype=jnp.int32)
+    block = min(spec.block_size, spec.max_candidates)
+    n_blocks = -(-spec.max_candidates // block)
 
-    r = spec.max_image_shift
-    extra = np.array(list(itertools.product(range(-r, r + 1), repeat=3)), np.int32)
-    n_blocks = -(-spec.max_atoms_per_system // spec.block_size)
-    block = min(spec.block_size, spec.max_atoms_per_system)
-    steps = np.array([(b, t) for b in range(n_blocks) for t in range(len(extra))], np.int32)
-
-    def body(carry, step):
-        m = step[0] * block + jnp.arange(block, dtype=jnp.int32)
-        t = jnp.asarray(extra)[step[1]]
-        valid = (m[None, :] < count_i[:, None]) & jnp.all((t == 0) | periodic, axis=-1)[:, None]
-        j = order[jnp.clip(start_i[:, None] + m[None, :], 0, n_atoms - 1)]
+    def body(carry, b):
+        m = b * block + jnp.arange(block, dtype=jnp.int32)
+        valid = m[None, :] < candidates_i[:, None]
+        atom = m[None, :] // images_i[:, None]
+        image = m[None, :] % images_i[:, None]
+        t = jnp.stack([image // (radix_i[:, 1:2] * radix_i[:, 2:3]),
+                       (image // radix_i[:, 2:3]) % radix_i[:, 1:2],
+                       image % radix_i[:, 2:3]], axis=-1) - reach_i[:, None, :]
+        j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
         dfrac = frac[j] - frac[:, None, :]
         nearest = jnp.where(periodic[:, None, :], -jnp.round(dfrac), 0.0).astype(jnp.int32)
-        n = nearest + jnp.where(periodic, t, 0)[:, None, :]
+        n = nearest + t
         ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
         return _append(carry, j, n, ok), None
 
     carry = (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
              jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int32),
              jnp.zeros(n_atoms, jnp.int32))
-    (indices, shifts, total), _ = jax.lax.scan(body, carry, jnp.asarray(steps))
-    # Images needed so that every pair within rc is reached from the nearest one.
-    need_r = jnp.where(batch.pbc, jnp.ceil(rc / widths + 0.5) - 1, 0)
-    need_r = jnp.max(jnp.where(batch.system_mask[:, None], need_r, 0)).astype(jnp.int32)
-    needed = jnp.stack([jnp.max(total), jnp.max(count), jnp.int32(0), need_r])
+    (indices, shifts, total), _ = jax.lax.scan(body, carry, jnp.arange(n_blocks, dtype=jnp.int32))
+    needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
     return indices, shifts, needed
 
 
@@ -401,12 +410,12 @@ def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
     spec = nl.spec
     needed = [int(x) for x in np.asarray(nl.needed)]
     more = lambda have, need: have if need <= have else max(have + 1, math.ceil(need * factor))
-    changes = dict(max_neighbors=more(spec.max_neighbors, needed[0]),
-                   max_image_shift=max(spec.max_image_shift, needed[3]))
+    changes = dict(max_neighbors=more(spec.max_neighbors, needed[0]))
     if spec.method == "all_pairs":
-        changes["max_atoms_per_system"] = more(spec.max_atoms_per_system, needed[1])
+        changes["max_candidates"] = more(spec.max_candidates, needed[1])
     else:
         changes["max_atoms_per_bin"] = more(spec.max_atoms_per_bin, needed[2])
+        changes["max_image_shift"] = max(spec.max_image_shift, needed[3])
     return dataclasses.replace(spec, **changes)
 
 
@@ -441,12 +450,13 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     """
     rc = cutoff + skin
     widths, pbc, n_atoms, density = _system_geometry(batch, rc)
-    ap_shift = int(np.max(np.where(pbc, np.ceil(rc / widths + 0.5) - 1, 0), initial=0))
+    reach = np.where(pbc, np.ceil(rc / widths + 0.5) - 1, 0)
+    max_candidates = int(np.max(n_atoms * np.prod(2 * reach + 1, axis=1)))
     nbins = np.where(pbc, np.maximum(1, np.floor(widths / rc)), 1)
     bin_length = np.where(pbc, widths / nbins, rc)
     cl_shift = int(np.max(np.ceil(rc / bin_length), initial=1))
     per_bin = int(np.ceil(1.5 * np.max(density * np.prod(bin_length, axis=1)))) + 4
-    cost_all_pairs = int(n_atoms.max()) * (2 * ap_shift + 1) ** 3
+    cost_all_pairs = max_candidates
     cost_cell_list = per_bin * (2 * cl_shift + 1) ** 3
     if method == "auto":
         method = "all_pairs" if cost_all_pairs <= cost_cell_list else "cell_list"
@@ -454,8 +464,8 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
         max_neighbors = batch.capacity.max_neighbors or int(
             np.ceil(1.25 * float(density.max()) * 4.0 / 3.0 * np.pi * rc**3)) + 8
     spec = NeighborSpec(cutoff=cutoff, skin=skin, max_neighbors=max_neighbors, method=method,
-                        max_atoms_per_system=max(1, int(n_atoms.max())), max_atoms_per_bin=per_bin,
-                        max_image_shift=ap_shift if method == "all_pairs" else cl_shift,
+                        max_candidates=max(1, max_candidates), max_atoms_per_bin=per_bin,
+                        max_image_shift=cl_shift,
                         block_size=block_size)
     for _ in range(4):
         nl = _build_jit(spec, batch.positions, batch.cell, batch)

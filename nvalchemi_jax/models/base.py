@@ -24,6 +24,14 @@ from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax.neighbors import NeighborList
 
 
+class Composable:
+    """Mixin giving models ``a + b`` (a :class:`~nvalchemi_jax.models.sum.SumModel`)."""
+
+    def __add__(self, other):
+        from nvalchemi_jax.models.sum import add
+        return add(self, other)
+
+
 class Model(Protocol):
     cutoff: float
 

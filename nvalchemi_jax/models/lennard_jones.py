@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from nvalchemi_jax.models.base import Composable
+
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class LennardJones:
+class LennardJones(Composable):
     """φ(r) = 4 ε [(σ/r)¹² − (σ/r)⁶] for r < cutoff.
 
     sigma: Å and epsilon: eV, scalars or ``(P, P)`` symmetric tables over ``species``

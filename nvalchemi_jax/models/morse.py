@@ -5,11 +5,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import struct
 
+from nvalchemi_jax.models.base import Composable
+
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class Morse:
+class Morse(Composable):
     """φ(r) = D [e^{−2α(r−r₀)} − 2 e^{−α(r−r₀)}] for r < cutoff (minimum −D at r₀).
 
     depth D: eV; alpha: 1/Å; r0: Å — scalars or ``(P, P)`` tables over ``species``.

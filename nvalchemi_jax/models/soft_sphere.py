@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from nvalchemi_jax.models.base import Composable
+
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class SoftSphere:
+class SoftSphere(Composable):
     """φ(r) = (ε/α) (1 − r/σ)^α for r < σ, zero beyond; purely repulsive.
 
     sigma: contact distance in Å (the cutoff defaults to the largest σ); epsilon: eV;

@@ -1,0 +1,3 @@
+from nvalchemi_jax.cli import main
+
+main()
