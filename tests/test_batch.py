@@ -581,6 +581,32 @@ def test_close_atoms_warn_ignore_none():
         Batch.from_arrays(**kw, on_close_atoms="bogus")
 
 
+def test_close_atoms_warning_points_at_the_caller():
+    """BUG: check_close_atoms warns with a fixed stacklevel=4, right for from_atoms
+    (from_atoms -> from_arrays -> check) but one frame too far for a direct
+    from_arrays call, so the warning is attributed to the caller's caller."""
+    with pytest.warns(UserWarning, match="min_distance") as record:
+        Batch.from_atoms(close_pair_atoms(CLOSE), on_close_atoms="warn")
+    assert [w.filename for w in record if "min_distance" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match="min_distance") as record:
+        Batch.from_arrays(**close_pair_arrays(CLOSE), on_close_atoms="warn")
+    assert [w.filename for w in record if "min_distance" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("min_distance", [0.0, -1.0])
+def test_non_positive_min_distance_is_clear(min_distance):
+    """BUG: min_distance=0 reaches the neighbor list and fails with "cannot convert
+    float NaN to integer" (after RuntimeWarnings); -1 with "NeighborSpec.cutoff must
+    be > 0". Either skip the check or reject it naming min_distance."""
+    kw = close_pair_arrays([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            Batch.from_arrays(**kw, min_distance=min_distance)
+    except ValueError as e:
+        assert "min_distance" in str(e), str(e)
+
+
 def test_min_distance_threshold():
     dimer = [[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [5.0, 5.0, 5.0]]
     kw = close_pair_arrays(dimer)

@@ -88,6 +88,7 @@ def test_helpers_work_on_jax_arrays():
         np.testing.assert_allclose(np.asarray(y), [1.0, 2.0], rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Use thermalize_momenta:DeprecationWarning")
 def test_kinetic_temperature():
     # equipartition: KE = dof/2 kB T
     n_atoms, temperature = 64, 300.0

@@ -1,0 +1,45 @@
+"""The main job runs end to end on the built-in data, and the data is what it claims."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from nvalchemi_jax.cli import main
+from nvalchemi_jax.datasets import argon_systems, fcc_cluster, fcc_crystal
+
+
+def test_demo_runs(capsys):
+    main(["--systems", "6", "--max-atoms", "120", "--rows", "6"])
+    out = capsys.readouterr().out
+    assert "Lennard-Jones argon: 6 systems" in out
+    assert "mean_energy_per_atom_eV" in out
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "nvalchemi_jax", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--systems" in result.stdout
+
+
+def test_argon_systems_sizes_and_reproducibility():
+    data = argon_systems(40, seed=3, min_atoms=32, max_atoms=200)
+    sizes = [len(p) for p in data["positions"]]
+    assert min(sizes) >= 32 and max(sizes) <= 200
+    kinds = {bool(np.all(p)) for p in data["pbc"]}
+    assert kinds == {True, False}          # crystals and clusters both present
+    again = argon_systems(40, seed=3, min_atoms=32, max_atoms=200)
+    np.testing.assert_array_equal(data["positions"][7], again["positions"][7])
+    # Crystals fill their cell: number density of FCC argon, 4 / a^3.
+    i = next(k for k, p in enumerate(data["pbc"]) if np.all(p))
+    density = sizes[i] / abs(np.linalg.det(data["cell"][i]))
+    assert 0.9 * 4 / 5.26**3 < density < 1.1 * 4 / 5.26**3
+
+
+def test_fcc_helpers():
+    positions, cell = fcc_crystal((2, 3, 4), lattice=4.0)
+    assert positions.shape == (96, 3)
+    np.testing.assert_allclose(np.diag(cell), [8.0, 12.0, 16.0])
+    cluster = fcc_cluster(13, lattice=4.0)        # the 12 nearest neighbours around a site
+    d = np.linalg.norm(cluster - cluster[0], axis=1)
+    np.testing.assert_allclose(np.sort(d)[1:], 4.0 / np.sqrt(2), rtol=1e-12)
