@@ -17,7 +17,10 @@ def _where(i: int, sample_id: Any) -> str:
 
 def _as_real(value: Any, field: str, where: str, shape: tuple) -> np.ndarray:
     """A float64 copy of ``value`` with the expected shape (``-1`` = any length)."""
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: field '{field}' is not a rectangular array ({err})") from None
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
                                    or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{where}: field '{field}' must be real numbers, got dtype {arr.dtype}")
@@ -66,11 +69,18 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
         raise ValueError(f"field 'sample_ids' has {len(sample_ids)} entries but there are "
                          f"{n_sys} systems")
     ids = np.asarray(sample_ids)
-    if not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0) or np.any(ids >= 2**31):
-        raise ValueError("field 'sample_ids' must be non-negative integers below 2**31")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"field 'sample_ids' must be non-negative integers below 2**31, "
+                         f"got dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= 2**31))
+    if bad.size:
+        named = ", ".join(f"system {i} has {ids[i]}" for i in bad[:10])
+        raise ValueError(f"field 'sample_ids' must be non-negative integers below 2**31: {named}")
     uniq, counts = np.unique(ids, return_counts=True)
-    if np.any(counts > 1):
-        raise ValueError(f"field 'sample_ids' repeats ids {uniq[counts > 1][:10].tolist()}")
+    repeated = uniq[counts > 1]
+    if repeated.size:
+        named = ", ".join(f"system {i}" for i in np.flatnonzero(np.isin(ids, repeated))[:10])
+        raise ValueError(f"field 'sample_ids' repeats ids {repeated[:10].tolist()} ({named})")
 
     systems = []
     for i in range(n_sys):
@@ -78,11 +88,11 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
         z = np.asarray(atomic_numbers[i])
         if z.ndim != 1:
             raise ValueError(f"{where}: field 'atomic_numbers' has shape {z.shape}, expected (n,)")
-        if z.dtype == bool or not np.issubdtype(z.dtype, np.integer):
-            raise TypeError(f"{where}: field 'atomic_numbers' must be integers, got dtype {z.dtype}")
         n = len(z)
         if n == 0:
             raise ValueError(f"{where}: the system has no atoms")
+        if z.dtype == bool or not np.issubdtype(z.dtype, np.integer):
+            raise TypeError(f"{where}: field 'atomic_numbers' must be integers, got dtype {z.dtype}")
         bad = np.flatnonzero((z < 1) | (z > MAX_ATOMIC_NUMBER))
         if bad.size:
             raise ValueError(f"{where}: field 'atomic_numbers' has unknown atomic numbers "
@@ -98,7 +108,10 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
             raise ValueError(f"{where}: field 'masses' must be positive, got {m[bad][:10].tolist()} "
                              f"at atoms {bad[:10].tolist()}")
         c = np.zeros((3, 3)) if cell is None or cell[i] is None else _as_real(cell[i], "cell", where, (3, 3))
-        p = np.zeros(3, bool) if pbc is None else np.broadcast_to(np.asarray(pbc[i]), (3,))
+        p = np.zeros(3, bool) if pbc is None else np.asarray(pbc[i])
+        if p.shape not in ((), (3,)):
+            raise ValueError(f"{where}: field 'pbc' has shape {p.shape}, expected (3,) or one bool")
+        p = np.broadcast_to(p, (3,))
         if p.dtype != bool:
             raise TypeError(f"{where}: field 'pbc' must be booleans, got dtype {p.dtype}")
         _check_cell(c, p, where)
@@ -151,10 +164,8 @@ def check_fits(sizes: list[int], sample_ids: list[int], capacity) -> None:
                              f"more than capacity.num_atoms = {capacity.num_atoms}")
 
 
-def check_close_atoms(batch, min_distance: float, mode: str) -> None:
+def check_close_atoms(batch, min_distance: float, mode: str, stacklevel: int = 3) -> None:
     """Atoms of one system (images included) closer than ``min_distance`` Å: error or warning."""
-    if mode not in ("error", "warn"):
-        raise ValueError(f"on_close_atoms must be 'error', 'warn' or 'ignore', got {mode!r}")
     from nvalchemi_jax.neighbors import closest_pairs
 
     dist, atom_i, atom_j = closest_pairs(batch, min_distance)
@@ -168,4 +179,4 @@ def check_close_atoms(batch, min_distance: float, mode: str) -> None:
                + "\n  ".join(lines))
     if mode == "error":
         raise ValueError(message)
-    warnings.warn(message, stacklevel=4)
+    warnings.warn(message, stacklevel=stacklevel)

@@ -10,7 +10,6 @@ capacity.num_systems``; empty slots have ``system_mask == False`` and
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +100,7 @@ class Batch:
         capacity: Capacity | None = None,
         min_distance: float | None = 0.5,
         on_close_atoms: str = "error",
+        _stacklevel: int = 3,
     ) -> "Batch":
         """Build a batch from per-system arrays (one list entry per system).
 
@@ -119,6 +119,12 @@ class Batch:
         Everything is validated on the host; errors name the field, the system
         index and its sample id.
         """
+        if on_close_atoms not in ("error", "warn", "ignore"):
+            raise ValueError(f"on_close_atoms must be 'error', 'warn' or 'ignore', got {on_close_atoms!r}")
+        if min_distance is not None and not min_distance > 0:
+            raise ValueError(f"min_distance must be > 0 Å or None, got {min_distance}")
+        if capacity is not None and not isinstance(capacity, Capacity):
+            raise TypeError(f"capacity must be a Capacity, got {type(capacity).__name__}")
         systems = _validation.validate_systems(
             positions=positions, atomic_numbers=atomic_numbers, cell=cell, pbc=pbc,
             velocities=velocities, masses=masses, fixed=fixed, tags=tags, charges=charges,
@@ -130,7 +136,7 @@ class Batch:
         _validation.check_fits(sizes, [s["sample_id"] for s in systems], capacity)
         batch = cls._pack(systems, capacity)
         if min_distance is not None and on_close_atoms != "ignore":
-            _validation.check_close_atoms(batch, min_distance, on_close_atoms)
+            _validation.check_close_atoms(batch, min_distance, on_close_atoms, _stacklevel)
         return batch
 
     @classmethod
@@ -232,7 +238,8 @@ class Batch:
             fields["tags"].append(atoms.get_tags())
             fields["charges"].append(atoms.get_initial_charges())
         return cls.from_arrays(**fields, sample_ids=ids, capacity=capacity,
-                               min_distance=min_distance, on_close_atoms=on_close_atoms)
+                               min_distance=min_distance, on_close_atoms=on_close_atoms,
+                               _stacklevel=4)
 
     # ------------------------------------------------------------------ views
     def system_slices(self) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 
@@ -29,7 +30,9 @@ class Capacity:
     def __post_init__(self):
         for name in ("num_systems", "num_atoms", "max_neighbors"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))   # numpy ints become plain ints
+            else:
                 raise TypeError(f"Capacity.{name} must be an int, got {type(value).__name__}")
         if self.num_systems < 1:
             raise ValueError(f"Capacity.num_systems must be >= 1, got {self.num_systems}")
@@ -51,8 +54,14 @@ class Capacity:
         sizes = [int(n) for n in atoms_per_system]
         if not sizes:
             raise ValueError("Capacity.for_systems: no systems given")
-        num_systems = max(1, math.ceil(len(sizes) * (1.0 + headroom)))
-        num_atoms = math.ceil(sum(sizes) * (1.0 + headroom))
+        if not headroom >= 0:
+            raise ValueError(f"Capacity.for_systems: headroom must be >= 0, got {headroom}")
+        if atom_multiple < 1:
+            raise ValueError(f"Capacity.for_systems: atom_multiple must be >= 1, got {atom_multiple}")
+        # Round before ceil so that e.g. 1600 * 1.1 does not become 1761.
+        grow = lambda n: math.ceil(round(n * (1.0 + headroom), 9))
+        num_systems = max(1, grow(len(sizes)))
+        num_atoms = grow(sum(sizes))
         num_atoms = max(atom_multiple, -(-num_atoms // atom_multiple) * atom_multiple)
         return cls(num_systems, num_atoms, max_neighbors)
 
