@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from nvalchemi_jax._linalg import vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
 
 METHODS = ("all_pairs", "cell_list")
@@ -161,7 +162,7 @@ def binning_frame(cell: jax.Array, pbc: jax.Array) -> jax.Array:
         axis = jnp.argmax(p)
         a = unit(h[axis])
         e = eye[jnp.argmin(jnp.abs(a))]
-        u = unit(e - jnp.dot(e, a) * a)
+        u = unit(e - jnp.sum(e * a) * a)
         v = jnp.cross(a, u)
         rows = []
         for k in range(3):
@@ -196,7 +197,7 @@ def _append(carry, j, n, ok):
 
 def _pair_ok(positions, frame_i, i, j, n, valid, rc2):
     """Candidates within the list cutoff that are not an atom paired with itself."""
-    d = positions[j] - positions[i][:, None, :] + jnp.einsum("nbk,nkd->nbd", n.astype(positions.dtype), frame_i)
+    d = positions[j] - positions[i][:, None, :] + vecmat(n.astype(positions.dtype), frame_i[:, None])
     d2 = jnp.sum(d * d, axis=-1)
     self_pair = (j == i[:, None]) & jnp.all(n == 0, axis=-1)
     return valid & (d2 < rc2) & ~self_pair
@@ -217,7 +218,7 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     sys_i = batch.system_index
     periodic = gather_systems(batch.pbc, sys_i, False)
     frame_i = gather_systems(frame, sys_i)
-    frac = jnp.einsum("nd,ndk->nk", positions, gather_systems(inverse, sys_i))
+    frac = vecmat(positions, gather_systems(inverse, sys_i))
     order, start, count = _system_segments(batch)
     # Images beyond the nearest one that can still lie within rc, per system and axis:
     # the candidates of a system are its atoms times its own image count.
@@ -266,7 +267,7 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     pbc = batch.pbc
     periodic = gather_systems(pbc, sys_i, False)
     frame_i = gather_systems(frame, sys_i)
-    frac = jnp.einsum("nd,ndk->nk", positions, gather_systems(inverse, sys_i))
+    frac = vecmat(positions, gather_systems(inverse, sys_i))
     floor = jnp.where(periodic, jnp.floor(frac), 0.0)
     wrapped = frac - floor
     # Open axes: bins start at the system's lowest coordinate.
@@ -397,7 +398,7 @@ def pair_vectors(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch:
     j = jnp.where(mask, nl.indices, 0)
     cell_i = gather_systems(cell, batch.system_index)
     d = (positions[j] - positions[:, None, :]
-         + jnp.einsum("nkc,ncd->nkd", nl.shifts.astype(positions.dtype), cell_i))
+         + vecmat(nl.shifts.astype(positions.dtype), cell_i[:, None]))
     return d, mask
 
 

@@ -28,7 +28,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.capacity import Capacity
 from nvalchemi_jax.models import LennardJones, Morse, SoftSphere, compute
-from nvalchemi_jax.neighbors import allocate
+from nvalchemi_jax.neighbors import allocate, build
 
 SIGMA, EPSILON, CUTOFF, A_AR = 3.40, 0.0104, 8.5, 5.26
 SWITCH_ON = 6.5
@@ -36,6 +36,7 @@ METHODS = ("all_pairs", "cell_list")
 TOL = {"float64": 1e-8, "float32": 2e-4}
 
 _compute = jax.jit(compute, static_argnames=("forces", "stress"))
+_build = jax.jit(build, static_argnums=0)
 
 
 # --------------------------------------------------------------------------- systems
@@ -177,19 +178,34 @@ def test_lj_batch_matches_ase(precision, method, variant):
     assert np.all(np.asarray(out.forces)[pad] == 0)
 
 
-@pytest.mark.parametrize("name", list(SYSTEMS))
+def _single_systems(method: str):
+    """Each system alone in a one-system batch of a common capacity, with the neighbor
+    spec allocate() chose for the batch of all of them, so one program serves all."""
+    names = list(SYSTEMS)
+    everything = Batch.from_atoms([SYSTEMS[n]() for n in names], min_distance=None)
+    spec, _ = allocate(everything, cutoff=CUTOFF, skin=0.5, method=method)
+    capacity = Capacity(num_systems=1, num_atoms=everything.num_atoms)
+    for name in names:
+        batch = Batch.from_atoms([SYSTEMS[name]()], capacity=capacity, min_distance=None)
+        nl = _build(spec, batch.positions, batch.cell, batch)
+        assert not bool(nl.overflow)
+        yield name, batch, nl
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_lj_single_system_matches_ase(x64, method, name):
-    """Each system on its own (its own neighbor-list spec) vs ASE, shifted LJ, float64."""
-    batch, _, out = _evaluate(_lj("shift"), [SYSTEMS[name]()], method=method)
-    _check_against_ase([name], "shift", batch, out, TOL["float64"])
+def test_lj_single_systems_match_ase(x64, method):
+    """Each system on its own vs ASE, shifted and switched LJ, float64."""
+    for name, batch, nl in _single_systems(method):
+        for variant in ("shift", "switch"):
+            out = _compute(_lj(variant), batch.positions, batch.cell, batch, nl, stress=True)
+            _check_against_ase([name], variant, batch, out, TOL["float64"])
 
 
-@pytest.mark.parametrize("name", ["small_cubic", "slab", "cluster"])
-def test_lj_single_system_float32(name):
-    batch, _, out = _evaluate(_lj("switch"), [SYSTEMS[name]()], method="cell_list")
-    assert out.forces.dtype == jnp.float32
-    _check_against_ase([name], "switch", batch, out, TOL["float32"])
+def test_lj_single_systems_float32():
+    for name, batch, nl in _single_systems("cell_list"):
+        out = _compute(_lj("switch"), batch.positions, batch.cell, batch, nl, stress=True)
+        assert out.forces.dtype == jnp.float32
+        _check_against_ase([name], "switch", batch, out, TOL["float32"])
 
 
 def test_lj_unshifted_energy_is_ase_plus_shift(x64):
@@ -369,6 +385,20 @@ def test_morse_shift_is_continuous(x64):
     assert float(plain.energy[0]) == pytest.approx(jump, rel=1e-5)
 
 
+def test_morse_switch_dimer_matches_ase_cutoff_function(x64):
+    """Morse(switch_on=ro) = closed form times ASE's C1 switch (the one of its smooth LJ)."""
+    from ase.calculators.lj import cutoff_function, d_cutoff_function
+    cutoff, onset = 6.0, 4.5
+    r = np.array([2.5, 4.0, 4.6, 5.2, 5.9, 6.2])
+    batch, _, out = _evaluate(Morse(**MORSE, cutoff=cutoff, switch_on=onset), _dimers(r), stress=False)
+    e, de = _morse_closed(r, **MORSE)
+    fc = cutoff_function(r**2, cutoff**2, onset**2)
+    dfc = 2 * r * d_cutoff_function(r**2, cutoff**2, onset**2)       # d fc / d r
+    f2 = np.stack([np.asarray(out.forces)[idx[1]] for idx in batch.system_slices()])
+    np.testing.assert_allclose(np.asarray(out.energy), e * fc, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(f2[:, 0], -(de * fc + e * dfc), rtol=1e-10, atol=1e-14)
+
+
 def test_morse_species_table_vs_numpy(x64):
     """Per-species Morse tables on a Cu/Ag cluster."""
     species = (29, 47)
@@ -424,6 +454,23 @@ def test_soft_sphere_species_table(x64):
     _, _, out = _evaluate(model, systems, stress=False)
     expected = [0.0, 0.5 * (1 - r / 1.5) ** 2, 0.5 * (1 - r / 2.0) ** 2]
     np.testing.assert_allclose(np.asarray(out.energy), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_soft_sphere_sigma_beyond_cutoff_is_rejected():
+    """BUG (models/soft_sphere.py): the cutoff is a static field fixed at construction, so
+    ``model.replace(sigma=larger)`` (or an explicit ``cutoff`` below sigma) silently drops
+    every overlapping pair between the old cutoff and the new sigma: the energy of a
+    dimer at 2.5 Å with sigma 3 Å comes out 0 instead of 0.5 (1 - 2.5/3)^2, and it jumps
+    at r = cutoff. The host-side ``check(batch)`` should refuse such a model."""
+    grown = SoftSphere(sigma=2.0, epsilon=1.0).replace(sigma=3.0)
+    assert grown.cutoff == 2.0                     # the stale cutoff
+    batch = Batch.from_atoms(_dimers([2.5], "H"), min_distance=None)
+    with pytest.raises(ValueError, match="cutoff"):
+        grown.check(batch)
+    with pytest.raises(ValueError, match="cutoff"):
+        SoftSphere(sigma=3.0, epsilon=1.0, cutoff=2.0).check(batch)
+    SoftSphere(sigma=2.0, epsilon=1.0).check(batch)                      # fine
+    SoftSphere(sigma=np.array([[1.0, 1.5], [1.5, 2.0]]), epsilon=1.0, species=(1, 2)).check(batch)
 
 
 # --------------------------------------------------------------------------- autodiff checks

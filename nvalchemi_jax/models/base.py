@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from nvalchemi_jax._linalg import matmul3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax.neighbors import NeighborList
 
@@ -72,9 +73,8 @@ def compute(model: Model, positions: jax.Array, cell: jax.Array, batch: Batch,
 
     def total(positions, strain):
         deform = jnp.eye(3, dtype=cell.dtype) + strain
-        strained = positions + jnp.einsum(
-            "nd,nde->ne", positions, gather_systems(strain, batch.system_index))
-        energy = model.energy(strained, cell @ deform, batch, neighbors)
+        strained = positions + vecmat(positions, gather_systems(strain, batch.system_index))
+        energy = model.energy(strained, matmul3(cell, deform), batch, neighbors)
         return jnp.sum(energy), energy
 
     strain = jnp.zeros_like(cell)
