@@ -133,10 +133,12 @@ def _lj(variant: str) -> LennardJones:
     return LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, switch_on=SWITCH_ON)
 
 
-def _evaluate(model, atoms_list, method="all_pairs", stress=True, capacity=None, skin=0.5):
+def _evaluate(model, atoms_list, method="all_pairs", stress=True, capacity=None, skin=0.5,
+              max_neighbors=None):
     # min_distance=None skips the close-atoms check (a neighbor-list compile of its own).
     batch = Batch.from_atoms(atoms_list, capacity=capacity, min_distance=None)
-    _, nl = allocate(batch, cutoff=model.cutoff, skin=skin, method=method)
+    _, nl = allocate(batch, cutoff=model.cutoff, skin=skin, method=method,
+                     max_neighbors=max_neighbors)
     assert not bool(nl.overflow)
     out = _compute(model, batch.positions, batch.cell, batch, nl, stress=stress)
     return batch, nl, out
@@ -184,7 +186,7 @@ def _single_systems(method: str):
     names = list(SYSTEMS)
     everything = Batch.from_atoms([SYSTEMS[n]() for n in names], min_distance=None)
     spec, _ = allocate(everything, cutoff=CUTOFF, skin=0.5, method=method)
-    capacity = Capacity(num_systems=1, num_atoms=everything.num_atoms)
+    capacity = Capacity(num_systems=1, num_atoms=int(np.max(np.asarray(everything.n_atoms))))
     for name in names:
         batch = Batch.from_atoms([SYSTEMS[name]()], capacity=capacity, min_distance=None)
         nl = _build(spec, batch.positions, batch.cell, batch)
@@ -546,12 +548,12 @@ def test_forces_and_stress_finite_differences(x64, name):
 def test_batch_invariance(x64):
     """Several systems in one (padded) batch give the same results as each alone."""
     model = _lj("switch")
-    names = ["small_cubic", "sheared", "slab", "cluster"]
+    names = ["small_cubic", "slab", "cluster"]
     atoms_list = [SYSTEMS[n]() for n in names]
-    capacity = Capacity(num_systems=6, num_atoms=200)
+    capacity = Capacity(num_systems=5, num_atoms=160)
     batch, _, out = _evaluate(model, atoms_list, method="cell_list", capacity=capacity)
     for s, (atoms, idx) in enumerate(zip(atoms_list, batch.system_slices())):
-        _, _, alone = _evaluate(model, [atoms], method="all_pairs")
+        _, _, alone = _evaluate(model, [atoms], method="all_pairs", max_neighbors=128)
         n = len(atoms)
         assert abs(float(out.energy[s]) - float(alone.energy[0])) <= 1e-12 * abs(float(alone.energy[0]))
         np.testing.assert_allclose(np.asarray(out.forces)[idx], np.asarray(alone.forces)[:n],
@@ -654,7 +656,7 @@ def test_unknown_species_energy_is_nan(x64):
     assert np.isfinite(float(out.energy[1]))
 
 
-@pytest.mark.parametrize("build, match", [
+@pytest.mark.parametrize("make, match", [
     (lambda: LennardJones(sigma=np.ones((3, 3)), epsilon=1.0, cutoff=5.0, species=(18, 36)),
      r"shape \(3, 3\), expected \(2, 2\)"),
     (lambda: LennardJones(sigma=np.ones(2), epsilon=1.0, cutoff=5.0, species=(18, 36)),
@@ -677,6 +679,6 @@ def test_unknown_species_energy_is_nan(x64):
      r"SoftSphere.epsilon has shape \(1, 1\)"),
     (lambda: SoftSphere(sigma=1.0, epsilon=1.0, alpha=0.5), "alpha"),
 ])
-def test_bad_parameters_raise(build, match):
+def test_bad_parameters_raise(make, match):
     with pytest.raises(ValueError, match=match):
-        build()
+        make()

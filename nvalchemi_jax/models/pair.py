@@ -28,6 +28,12 @@ def check_parameters(name: str, species: Sequence[int] | None, **tables) -> None
 
     Skipped when a value is not a concrete number (JAX rebuilds models from traced
     or placeholder leaves when it flattens and unflattens pytrees)."""
+    if species is not None:
+        bad = [int(z) for z in species if not 1 <= int(z) <= MAX_ATOMIC_NUMBER]
+        if bad:
+            raise ValueError(f"{name}.species has atomic numbers outside 1..{MAX_ATOMIC_NUMBER}: {bad}")
+        if len(set(int(z) for z in species)) != len(species):
+            raise ValueError(f"{name}.species repeats an atomic number: {tuple(species)}")
     if not all(_concrete(v) for v in tables.values()):
         return
     for field, value in tables.items():

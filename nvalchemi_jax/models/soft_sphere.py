@@ -39,7 +39,12 @@ class SoftSphere(Composable):
     cutoff: float | None = struct.field(pytree_node=False, default=None)
 
     def check(self, batch) -> None:
+        """Host side: parameters for every element, and no σ beyond the cutoff fixed at build time."""
         pair.check_species("SoftSphere", self.species, batch)
+        largest = float(np.max(np.asarray(self.sigma)))
+        if largest > self.cutoff:
+            raise ValueError(f"SoftSphere: largest sigma {largest} Å exceeds the cutoff {self.cutoff} Å "
+                             "fixed when the model was built; build a new model for the new sigma")
 
     def energy(self, positions, cell, batch, neighbors):
         table = pair.species_table(self.species)
