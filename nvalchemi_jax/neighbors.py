@@ -350,13 +350,25 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     """``(S,) bool``: systems where a pair may have crossed ``cutoff`` since the last build.
 
     A pair vector changes by at most ``2 max|Δr| + Σ_k |n_k| |Δcell_k|``; the
-    list stays exact while that is below the skin.
+    list stays exact while that is below the skin. ``|n_k|`` is bounded by the
+    listed shifts and by the images that could come within reach in the new cell.
     """
     moved = jnp.linalg.norm(positions - nl.reference_positions, axis=-1)
     moved = jax.ops.segment_max(jnp.where(batch.atom_mask, moved, 0.0), batch.system_index,
                                 batch.num_systems)
     cell_change = jnp.linalg.norm(cell - nl.reference_cell, axis=-1)
-    drift = 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(nl.max_shift * cell_change, axis=-1)
+    # Shifts a pair inside the cutoff can have in the new cell: listed ones, and any
+    # image within reach of the system's (possibly unwrapped) fractional spread.
+    _, inverse, widths = _frame_and_widths(cell, batch.pbc)
+    frac = vecmat(positions, gather_systems(inverse, batch.system_index))
+    big = jnp.asarray(jnp.finfo(positions.dtype).max, positions.dtype)
+    mask = batch.atom_mask[:, None]
+    span = (jax.ops.segment_max(jnp.where(mask, frac, -big), batch.system_index, batch.num_systems)
+            - jax.ops.segment_min(jnp.where(mask, frac, big), batch.system_index, batch.num_systems))
+    reach = jnp.where(batch.pbc & batch.system_mask[:, None],
+                      jnp.ceil(nl.spec.list_cutoff / widths + jnp.maximum(span, 0.0)), 0.0)
+    bound = jnp.maximum(nl.max_shift, reach)
+    drift = 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
     too_far = drift > nl.spec.skin
     if nl.spec.skin == 0:
         too_far = drift > 0
@@ -421,11 +433,12 @@ def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
 
 
 _build_jit = jax.jit(build, static_argnums=0)
+_frame_and_widths_jit = jax.jit(_frame_and_widths)
 
 
 def _system_geometry(batch: Batch, rc: float):
     """Host-side per-system numbers used to choose a method and first capacities."""
-    _, _, widths = jax.jit(_frame_and_widths)(batch.cell, batch.pbc)
+    _, _, widths = _frame_and_widths_jit(batch.cell, batch.pbc)
     widths = np.asarray(widths, float)
     pbc = np.asarray(batch.pbc)
     mask = np.asarray(batch.system_mask)
@@ -476,11 +489,14 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     raise RuntimeError(f"neighbor list still overflows after growing to {spec}")
 
 
+_pair_vectors_jit = jax.jit(pair_vectors)
+
+
 def closest_pairs(batch: Batch, max_distance: float):
     """Host side: per filled slot ``s``, the shortest pair distance below ``max_distance``
     (``inf`` if none) and the two atoms' indices within their system."""
     spec, nl = allocate(batch, cutoff=max_distance, skin=0.0, max_neighbors=8)
-    d, mask = jax.jit(pair_vectors)(nl, batch.positions, batch.cell, batch)
+    d, mask = _pair_vectors_jit(nl, batch.positions, batch.cell, batch)
     dist = np.where(np.asarray(mask), np.linalg.norm(np.asarray(d, float), axis=-1), np.inf)
     indices = np.asarray(nl.indices)
     n_sys = batch.num_systems

@@ -68,3 +68,9 @@ def bar_to_stress(p_bar):
 def kinetic_temperature(kinetic_energy, degrees_of_freedom):
     """Temperature in K from a kinetic energy in eV: T = 2 KE / (dof k_B)."""
     return 2.0 * kinetic_energy / (degrees_of_freedom * KB)
+
+
+#: eV/Å per amu to Å/fs²: acceleration a = F/m · FORCE_TO_ACCELERATION with velocities in Å/fs.
+FORCE_TO_ACCELERATION = FS * FS
+#: amu·Å²/fs² to eV: kinetic energy ½ m v² · MV2_TO_EV with velocities in Å/fs.
+MV2_TO_EV = FS_PER_INTERNAL_TIME * FS_PER_INTERNAL_TIME

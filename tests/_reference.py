@@ -79,15 +79,6 @@ def pair_distance(positions, cell, pair) -> float:
 
 
 # --------------------------------------------------------------------------- structures
-def jittered_points(cell_lengths, spacing, rng, jitter=0.25):
-    """Points on a jittered simple-cubic grid filling the box ``[0, L)`` per axis
-    (``cell_lengths (3,)``); neighbors stay at least ``(1 - 2 jitter) spacing`` apart."""
-    counts = np.maximum(1, np.floor(np.asarray(cell_lengths, float) / spacing)).astype(int)
-    grid = np.stack(np.meshgrid(*(np.arange(c) for c in counts), indexing="ij"), -1).reshape(-1, 3)
-    frac = (grid + 0.5 + rng.uniform(-jitter, jitter, grid.shape)) / counts
-    return frac * np.asarray(cell_lengths, float)
-
-
 def jittered_fractional(counts, rng, jitter=0.25):
     """Fractional coordinates on a jittered ``counts`` grid in ``[0, 1)^3``; images of the
     grid are the grid, so periodic systems keep a minimum separation too."""

@@ -110,7 +110,13 @@ STRUCTURES = {
                             (0, 6.0, 6.0), unwrap=2, seed=8),
     "wire_tilted": lambda: _system([[5.0, 5.0, 2.0], [0, 0, 0], [0, 0, 0]], (T, F, F), (4, 3, 3),
                                    (0, 6.0, 6.0), seed=9),
+    "skew_big": lambda: _system([[12.0, 0, 0], [9.0, 11.0, 0], [-7.0, 5.0, 12.0]], (T, T, T),
+                                (6, 6, 6), seed=19),
+    "slab_yz": lambda: _system([[0, 0, 0], [0.5, 7.5, 0], [0.2, 2.5, 7.9]], (F, T, T), (3, 4, 4),
+                               (6.0, 0, 0), seed=20),
     "cluster": lambda: _system(np.zeros((3, 3)), (F, F, F), (4, 4, 4), (8.0, 8.0, 8.0), seed=10),
+    "cluster_flat": lambda: _system(np.zeros((3, 3)), (F, F, F), (5, 5, 1), (10.0, 10.0, 0.0),
+                                    seed=21, jitter=0.0),   # all atoms in one plane
     "cluster_boxed": lambda: _system(np.eye(3) * 3.0, (F, F, F), (5, 3, 3), (10.0, 6.0, 6.0),
                                      seed=11),          # open axes: the cell must not matter
     # thinner than 2 RC, or than RC itself: several images per pair
@@ -124,13 +130,15 @@ STRUCTURES = {
                                  (0, 0, 6.0), seed=17),
     "wire_thin": lambda: _system([[2.0, 0, 0], [0, 0, 0], [0, 0, 0]], (T, F, F), (1, 3, 3),
                                  (0, 6.0, 6.0), unwrap=4, seed=18),
+    "wire_z_thin": lambda: _system([[0, 0, 0], [0, 0, 0], [0.3, -0.2, 2.1]], (F, F, T), (3, 3, 1),
+                                   (6.0, 6.0, 0), unwrap=3, seed=22),
 }
-BIG = ["cubic", "cubic_large", "triclinic_big", "unwrapped_big", "slab", "slab_tilted", "slab_xz",
-       "wire", "wire_tilted", "cluster", "cluster_boxed"]
-THIN = ["triclinic", "small", "tiny", "tiny_single", "tiny_unwrapped", "slab_thin", "wire_thin"]
+BIG = ["cubic", "cubic_large", "triclinic_big", "unwrapped_big", "skew_big", "slab",
+       "slab_tilted", "slab_xz", "slab_yz", "wire", "wire_tilted", "cluster", "cluster_boxed",
+       "cluster_flat"]
 MIXED = ["cubic", "tiny", "slab", "cluster", "triclinic", "wire_thin", "unwrapped_big",
          "tiny_single", "slab_tilted", "small", "wire", "tiny_unwrapped", "slab_xz", "slab_thin",
-         "wire_tilted", "cluster_boxed"]
+         "wire_tilted", "cluster_boxed", "wire_z_thin", "slab_yz", "cluster_flat"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,16 +180,12 @@ def table_pairs(nl, batch, indices=None, shifts=None):
     assert shifts.shape == (n_atoms, nl.spec.max_neighbors, 3)
     assert indices.min() >= 0 and indices.max() <= n_atoms, "indices outside [0, N]"
     mask = indices < n_atoms
-    # padding atoms have empty rows; padded entries carry zero shifts
-    assert not mask[~atom_mask].any(), "a padding atom has neighbors"
-    assert not shifts[~mask].any(), "padding entries must have zero shifts"
+    assert not mask[~atom_mask].any(), "a padding atom has neighbors (its row must be empty)"
     rows, cols = np.nonzero(mask)
     j = indices[rows, cols]
     assert atom_mask[j].all(), "a padding atom is listed as a neighbor"
     cross = system_index[rows] != system_index[j]
     assert not cross.any(), f"pairs across systems: {list(zip(rows[cross], j[cross]))[:5]}"
-    # real entries: compact (no holes before the padding) and no shift along open axes
-    assert (np.diff(mask.astype(int), axis=1) <= 0).all(), "holes inside a row"
     open_axes = ~pbc[system_index[rows]]
     assert not (shifts[rows, cols] * open_axes).any(), "a shift along an open axis"
     local = np.zeros(n_atoms, int)
@@ -219,18 +223,15 @@ def check_against_brute_force(nl, batch, names, cutoff=RC, positions=None, cells
     np.testing.assert_array_equal(np.asarray(nl.mask), np.asarray(nl.indices) < batch.num_atoms)
     per_system = table_pairs(nl, batch)
     assert len(per_system) == len(names)
+    filled = np.flatnonzero(np.asarray(batch.system_mask))
     for k, (name, got) in enumerate(zip(names, per_system)):
-        if positions is not None and cells is not None:
-            pos, cell, pbc = positions[k], cells[k], np.asarray(batch.pbc)[k]
-        else:
-            pos, cell, pbc = structure(name)
-        if positions is not None:
-            pos = positions[k]
-        if cells is not None:
-            cell = cells[k]
+        pbc = np.asarray(batch.pbc)[filled[k]]
         if positions is None and cells is None and cutoff == RC:
+            pos, cell, _ = structure(name)
             ref = reference(name)
         else:
+            pos = positions[k] if positions is not None else structure(name)[0]
+            cell = cells[k] if cells is not None else structure(name)[1]
             ref = brute_force_pairs(pos, cell, pbc, cutoff, return_distances=True)
         assert_same_pairs(got, ref, pos, cell, cutoff, f"{name} ({nl.spec.method})")
 
@@ -240,12 +241,8 @@ def within_cutoff_pairs(nl, batch, positions, cell, cutoff):
     d, mask = PAIR_VECTORS(nl, positions, cell, batch)
     dist = np.linalg.norm(np.asarray(d, np.float64), axis=-1)
     keep = np.asarray(mask) & (dist < cutoff)
-    indices = np.where(keep, np.asarray(nl.indices), batch.num_atoms)
-    shifts = np.where(keep[..., None], np.asarray(nl.shifts), 0)
-    # re-compact the rows so that table_pairs' layout checks still hold
-    order = np.argsort(~keep, axis=1, kind="stable")
-    return table_pairs(nl, batch, np.take_along_axis(indices, order, 1),
-                       np.take_along_axis(shifts, order[..., None], 1))
+    return table_pairs(nl, batch, np.where(keep, np.asarray(nl.indices), batch.num_atoms),
+                       np.asarray(nl.shifts))
 
 
 # --------------------------------------------------------------------------- the reference
@@ -298,6 +295,65 @@ def test_reference_basic_properties():
     # an open system's cell is ignored entirely
     pos, cell, pbc = structure("cluster_boxed")
     assert brute_force_pairs(pos, cell, pbc, RC) == brute_force_pairs(pos, np.zeros((3, 3)), pbc, RC)
+
+
+def _perfect_list(names, batch, spec):
+    """A NeighborList filled on the host from the brute-force reference."""
+    n_atoms, k = batch.num_atoms, spec.max_neighbors
+    indices = np.full((n_atoms, k), n_atoms, np.int32)
+    shifts = np.zeros((n_atoms, k, 3), np.int32)
+    fill = np.zeros(n_atoms, int)
+    for name, sl in zip(names, batch.system_slices()):
+        for i, j, n in sorted(reference(name)):
+            row = sl[i]
+            indices[row, fill[row]] = sl[j]
+            shifts[row, fill[row]] = n
+            fill[row] += 1
+    n_sys = batch.num_systems
+    return neighbors.NeighborList(
+        indices=jnp.asarray(indices), shifts=jnp.asarray(shifts),
+        reference_positions=batch.positions, reference_cell=batch.cell,
+        max_shift=jnp.zeros((n_sys, 3), jnp.int32), stale=jnp.zeros(n_sys, bool),
+        rebuilds=jnp.zeros(n_sys, jnp.int32), needed=jnp.zeros(4, jnp.int32), spec=spec)
+
+
+def test_checker_catches_defects(x64):
+    """The comparison helpers themselves: a perfect table passes, planted defects fail."""
+    names = ["tiny", "slab"]
+    batch = make_batch(names, capacity=Capacity(num_systems=3, num_atoms=64))
+    nl = _perfect_list(names, batch, make_spec("all_pairs", max_neighbors=64))
+    check_against_brute_force(nl, batch, names)
+    idx, sh = np.asarray(nl.indices), np.asarray(nl.shifts)
+    a, b = batch.system_slices()
+    n_atoms = batch.num_atoms
+
+    def broken(indices=idx, shifts=sh):
+        return nl.replace(indices=jnp.asarray(indices), shifts=jnp.asarray(shifts))
+
+    row = b[0]
+    last = int(np.sum(idx[row] < n_atoms))
+    dropped = idx.copy()
+    dropped[row, last - 1] = n_atoms                      # a missing pair
+    duplicated = idx.copy()
+    duplicated[row, last] = idx[row, 0]                   # the same pair twice
+    dup_shifts = sh.copy()
+    dup_shifts[row, last] = sh[row, 0]
+    far = idx.copy()
+    far[row, last] = b[1]
+    far_shifts = sh.copy()
+    far_shifts[row, last] = (1, 1, 0)                     # a pair beyond the cutoff
+    cross = idx.copy()
+    cross[row, last] = a[0]                               # an atom of another system
+    padding_row = idx.copy()
+    padding_row[n_atoms - 1, 0] = 0                       # a padding atom with a neighbor
+    open_shift = sh.copy()
+    open_shift[row, 0, 2] = 1                             # a shift along the slab's open axis
+    for what, bad in [("missing", broken(dropped)), ("duplicate", broken(duplicated, dup_shifts)),
+                      ("extra", broken(far, far_shifts)), ("across systems", broken(cross)),
+                      ("padding atom", broken(padding_row)),
+                      ("open axis", broken(idx, open_shift))]:
+        with pytest.raises(AssertionError, match=what):
+            check_against_brute_force(bad, batch, names)
 
 
 # --------------------------------------------------------------------------- correctness
