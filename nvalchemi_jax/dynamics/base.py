@@ -283,10 +283,9 @@ class Dynamics:
 
     def _mark_failures(self, start: State, state: State, batch: Batch, active: jax.Array) -> State:
         finite = lambda x: jnp.isfinite(x)
+        # Model outputs first: a NaN force makes velocities NaN a half step later,
+        # and the report should name the cause.
         reasons = [
-            (status_codes.Failure.NONFINITE_POSITIONS, _any_per_system(
-                ~jnp.all(finite(state.positions) & finite(state.velocities), axis=-1), batch)),
-            (status_codes.Failure.NONFINITE_CELL, ~jnp.all(finite(state.cell), axis=(-2, -1))),
             (status_codes.Failure.NONFINITE_ENERGY, ~finite(state.energy)),
             (status_codes.Failure.NONFINITE_FORCES, _any_per_system(
                 ~jnp.all(finite(state.forces), axis=-1), batch)),
@@ -294,6 +293,11 @@ class Dynamics:
         if self.wants_stress:
             reasons.append((status_codes.Failure.NONFINITE_STRESS,
                             ~jnp.all(finite(state.stress), axis=(-2, -1))))
+        reasons += [
+            (status_codes.Failure.NONFINITE_CELL, ~jnp.all(finite(state.cell), axis=(-2, -1))),
+            (status_codes.Failure.NONFINITE_POSITIONS, _any_per_system(
+                ~jnp.all(finite(state.positions) & finite(state.velocities), axis=-1), batch)),
+        ]
         reason = jnp.zeros_like(state.failure)
         for code, bad in reversed(reasons):          # the first listed reason wins
             reason = jnp.where(bad, int(code), reason)

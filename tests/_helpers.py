@@ -1,0 +1,46 @@
+"""Shared test helpers: small argon batches and a compilation counter."""
+
+import contextlib
+
+import jax
+import jax.monitoring
+import numpy as np
+
+import nvalchemi_jax as nj
+from nvalchemi_jax.datasets import fcc_crystal
+
+ARGON = dict(sigma=3.40, epsilon=0.0104, cutoff=8.5)
+
+
+def argon_batch(repeats=((2, 2, 2),), rattle=0.05, seed=0, sample_ids=None, temperature=None,
+                capacity=None, key=0):
+    """Rattled periodic FCC argon crystals, one per entry of ``repeats``."""
+    rng = np.random.default_rng(seed)
+    positions, cells = [], []
+    for r in repeats:
+        p, c = fcc_crystal(r)
+        positions.append(p + rng.normal(0, rattle, p.shape))
+        cells.append(c)
+    batch = nj.Batch.from_arrays(positions=positions, atomic_numbers=[np.full(len(p), 18) for p in positions],
+                                 cell=cells, pbc=[True] * len(positions), sample_ids=sample_ids,
+                                 capacity=capacity)
+    if temperature is not None:
+        from nvalchemi_jax.dynamics import maxwell_boltzmann
+        batch = batch.replace(velocities=maxwell_boltzmann(batch, temperature, jax.random.key(key)))
+    return batch
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts XLA backend compilations inside the block: ``with count_compilations() as n: ...; n[0]``."""
+    count = [0]
+
+    def listener(name, secs, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
