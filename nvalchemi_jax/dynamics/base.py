@@ -103,7 +103,10 @@ def _any_per_system(bad_atoms: jax.Array, batch: Batch) -> jax.Array:
 
 
 def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """A concrete number or array (JAX also rebuilds pytrees from tracers and placeholders)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, (int, float, np.ndarray, np.number, jax.Array, list, tuple))
 
 
 def check_positive(owner: str, **values) -> None:
@@ -137,9 +140,10 @@ def per_system(value, batch: Batch, dtype=None) -> jax.Array:
     return arr
 
 
-@struct.dataclass(kw_only=True, eq=False)
+@struct.dataclass(eq=False)
 class Dynamics:
-    """Base of every integrator and optimizer (a frozen pytree: the model's
+    """Base of every integrator and optimizer: ``Integrator(model, **options)``
+    (a frozen pytree: the model's
     parameters and the numeric defaults are leaves, everything else is static
     configuration; compared and hashed by identity). Subclasses are declared
     with ``@struct.dataclass(kw_only=True, eq=False)``.
@@ -155,6 +159,7 @@ class Dynamics:
     """
 
     model: Any
+    _: dataclasses.KW_ONLY
     hooks: tuple = struct.field(pytree_node=False, default=())
     convergence: ConvergenceHook | None = struct.field(pytree_node=False, default=None)
     n_steps: int | None = struct.field(pytree_node=False, default=None)
