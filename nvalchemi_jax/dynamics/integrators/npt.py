@@ -161,52 +161,30 @@ def _barostat_kinetic(system) -> jax.Array:
 
 
 @struct.dataclass(kw_only=True, eq=False)
-class NPT(Dynamics):
-    """Isothermal–isobaric MD: MTK barostat with Nosé–Hoover chains (see the module docstring).
+class MTKBarostat(Dynamics):
+    """What :class:`NPT` and :class:`NPH` share: the MTK barostat (see the module docstring).
 
-    dt: fs. temperature: K (>= 0). pressure: applied hydrostatic pressure in eV/Å³
-    (:func:`units.gpa_to_stress`, :func:`units.bar_to_stress`; negative = tension).
-    tau_t, tau_p: thermostat and barostat time constants in fs. All five are
-    scalars or per system ``(S,)``. coupling: ``"isotropic"``, ``"anisotropic"``
-    or ``"triclinic"``. chain_length: Nosé–Hoover chain length (both chains).
-    chain_substeps, yoshida_order (1, 3 or 5): integration of the chains.
-
-    ``StageState.system`` holds ``dt``, ``temperature``, ``pressure`` (read by the
-    ``"stress"`` convergence criterion), ``strain_rate`` ``(S, 3, 3)`` 1/fs,
-    ``barostat_mass`` ``(S,)`` eV·fs² and the chains' masses (eV·fs²), positions
-    (dimensionless) and velocities (1/fs), each ``(S, chain_length)``.
-
-    Example::
-
-        md = NPT(model=lj, dt=5.0, temperature=50.0, pressure=units.gpa_to_stress(0.5),
-                 tau_t=200.0, tau_p=5000.0, coupling="isotropic", n_steps=10_000)
-        result = md.run(batch)
-        npt_conserved_energy(result.state, batch, md)   # (S,) eV, constant up to O(dt²)
+    dt: fs. pressure: applied hydrostatic pressure in eV/Å³ (:func:`units.gpa_to_stress`,
+    :func:`units.bar_to_stress`; negative = tension). tau_p: barostat time constant in fs.
+    temperature: K, sets the masses (and, for NPT, the target). All are scalars or per
+    system ``(S,)``. coupling: ``"isotropic"``, ``"anisotropic"`` or ``"triclinic"``.
     """
 
     dt: float = 1.0
-    temperature: float = 300.0
     pressure: float = 0.0
-    tau_t: float = 100.0
     tau_p: float = 1000.0
+    temperature: float | None = None
     coupling: str = struct.field(pytree_node=False, default="isotropic")
-    chain_length: int = struct.field(pytree_node=False, default=3)
-    chain_substeps: int = struct.field(pytree_node=False, default=1)
-    yoshida_order: int = struct.field(pytree_node=False, default=3)
 
     needs_stress = True
     conserves_momentum = True
-    #: Whether the particles and the barostat carry Nosé–Hoover chains (False for NPH).
-    thermostatted = True
+    #: Whether the particles and the barostat carry Nosé–Hoover chains.
+    thermostatted = False
 
     # ------------------------------------------------------------ checks
     def validate(self):
         name = type(self).__name__
         check_positive(name, dt=self.dt, tau_p=self.tau_p)
-        if self.thermostatted:
-            check_positive(name, tau_t=self.tau_t)
-        if self.temperature is None and self.thermostatted:
-            raise ValueError(f"{name}.temperature must be a number of K, got None")
         check_non_negative(name, temperature=self.temperature)
         if self.pressure is None:
             raise ValueError(f"{name}.pressure must be a number of eV/Å³, got None")
@@ -214,6 +192,11 @@ class NPT(Dynamics):
             raise ValueError(f"{name}.pressure must be finite (eV/Å³), got {self.pressure!r}")
         if self.coupling not in COUPLINGS:
             raise ValueError(f"{name}.coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+        if not self.thermostatted:
+            return
+        check_positive(name, tau_t=self.tau_t)
+        if self.temperature is None:
+            raise ValueError(f"{name}.temperature must be a number of K, got None")
         for field in ("chain_length", "chain_substeps"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -355,28 +338,59 @@ class NPT(Dynamics):
 
 
 @struct.dataclass(kw_only=True, eq=False)
-class NPH(NPT):
+class NPT(MTKBarostat):
+    """Isothermal–isobaric MD: MTK barostat with Nosé–Hoover chains (see the module docstring).
+
+    dt: fs. temperature: K (>= 0). pressure: applied hydrostatic pressure in eV/Å³
+    (:func:`units.gpa_to_stress`, :func:`units.bar_to_stress`; negative = tension).
+    tau_t, tau_p: thermostat and barostat time constants in fs. All five are
+    scalars or per system ``(S,)``. coupling: ``"isotropic"``, ``"anisotropic"``
+    or ``"triclinic"``. chain_length: Nosé–Hoover chain length (both chains).
+    chain_substeps, yoshida_order (1, 3 or 5): integration of the chains.
+
+    ``StageState.system`` holds ``dt``, ``temperature``, ``pressure`` (read by the
+    ``"stress"`` convergence criterion), ``strain_rate`` ``(S, 3, 3)`` 1/fs,
+    ``barostat_mass`` ``(S,)`` eV·fs² and the chains' masses (eV·fs²), positions
+    (dimensionless) and velocities (1/fs), each ``(S, chain_length)``.
+
+    Example::
+
+        md = NPT(model=lj, dt=5.0, temperature=50.0, pressure=units.gpa_to_stress(0.5),
+                 tau_t=200.0, tau_p=5000.0, coupling="isotropic", n_steps=10_000)
+        result = md.run(batch)
+        npt_conserved_energy(result.state, batch, md)   # (S,) eV, constant up to O(dt²)
+    """
+
+    temperature: float = 300.0
+    tau_t: float = 100.0
+    chain_length: int = struct.field(pytree_node=False, default=3)
+    chain_substeps: int = struct.field(pytree_node=False, default=1)
+    yoshida_order: int = struct.field(pytree_node=False, default=3)
+
+    thermostatted = True
+
+
+@struct.dataclass(kw_only=True, eq=False)
+class NPH(MTKBarostat):
     """Isenthalpic MD: the MTK barostat of :class:`NPT` without thermostats.
 
     The conserved quantity is the enthalpy ``U + K + P V`` plus the barostat's
     kinetic energy (:func:`npt_conserved_energy`). ``temperature`` (K) only sets
     the barostat mass ``W``; by default each system's initial kinetic temperature
     (at least 1 K). dt, pressure, tau_p and coupling as in :class:`NPT`.
+    ``StageState.system`` holds ``dt``, ``pressure``, ``strain_rate`` and ``barostat_mass``.
 
     Example::
 
         md = NPH(model=lj, dt=5.0, pressure=0.0, tau_p=5000.0, temperature=20.0, n_steps=1000)
     """
 
-    temperature: float | None = None
-    thermostatted = False
 
-
-def npt_conserved_energy(state, batch: Batch, dynamics: NPT) -> jax.Array:
+def npt_conserved_energy(state, batch: Batch, dynamics: MTKBarostat) -> jax.Array:
     """``(S,)`` extended energy in eV that :class:`NPT` and :class:`NPH` conserve:
     potential + kinetic + P·V + barostat kinetic energy (+ the chains' kinetic and
     "potential" terms for NPT). Its drift measures integration error."""
-    if not isinstance(dynamics, NPT):
+    if not isinstance(dynamics, MTKBarostat):
         raise TypeError(f"npt_conserved_energy needs an NPT or NPH, got {type(dynamics).__name__}")
     system = state.stage.system
     total = (state.energy + thermo.kinetic_energy(state.velocities, batch)

@@ -54,11 +54,16 @@ def expm3(a: jax.Array) -> jax.Array:
     squarings = jax.lax.stop_gradient(squarings)
     x = a * jnp.exp2(-squarings)[..., None, None]
     eye = jnp.broadcast_to(jnp.eye(3, dtype=a.dtype), a.shape)
-    r = eye
-    for k in range(_TAYLOR_ORDER, 0, -1):    # Horner: I + x (I + x/2 (I + x/3 (...)))
-        r = eye + matmul3(x, r) / k
-    for i in range(_MAX_SQUARINGS):
-        r = jnp.where((i < squarings)[..., None, None], matmul3(r, r), r)
+
+    def horner(j, r):                         # I + x (I + x/2 (I + x/3 (...)))
+        return eye + matmul3(x, r) / (_TAYLOR_ORDER - j).astype(a.dtype)
+
+    def square(i, r):
+        return jnp.where((i < squarings)[..., None, None], matmul3(r, r), r)
+
+    # Loops rather than unrolled products keep the compiled program small.
+    r = jax.lax.fori_loop(0, _TAYLOR_ORDER, horner, eye)
+    r = jax.lax.fori_loop(0, _MAX_SQUARINGS, square, r)
     return r
 
 
