@@ -78,9 +78,13 @@ def blend_systems(mask: jax.Array, new: State, old: State, batch: Batch) -> Stat
     def pick(sel, a, b):
         return jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
 
-    def pick_stage(a, b):
+    def pick_one(a, b):
         return StageState(system=jax.tree.map(lambda x, y: pick(mask, x, y), a.system, b.system),
                           atom=jax.tree.map(lambda x, y: pick(atom, x, y), a.atom, b.atom))
+
+    def pick_stage(a, b):   # one StageState, or a tuple of them (fused stages)
+        is_stage = lambda x: isinstance(x, StageState)
+        return jax.tree.map(pick_one, a, b, is_leaf=is_stage)
 
     return new.replace(
         positions=pick(moving, new.positions, old.positions),
@@ -316,11 +320,20 @@ class Dynamics:
                                global_step=state.global_step)
         return blend_systems(failed, frozen, state, batch)
 
+    def running(self, state: State, batch: Batch) -> jax.Array:
+        """``(S,) bool``: systems this dynamics still updates."""
+        return (state.status == self.status_code) & batch.system_mask
+
+    def __add__(self, other: "Dynamics"):
+        """``a + b``: a :class:`~nvalchemi_jax.dynamics.fused.FusedStage` (one model evaluation per step)."""
+        from nvalchemi_jax.dynamics.fused import fuse
+        return fuse(self, other)
+
     def step(self, state: State, batch: Batch) -> State:
         """One step for every system whose status is ``status_code``; pure and jit-able."""
         start = state
         hooks = self.hooks
-        active = (state.status == self.status_code) & batch.system_mask
+        active = self.running(state, batch)
         ctx = HookContext(step=state.global_step, active=active, converged=jnp.zeros_like(active))
         state = run_hooks(hooks, Stage.BEFORE_STEP, state, batch, ctx)
         state = run_hooks(hooks, Stage.BEFORE_PRE_UPDATE, state, batch, ctx)

@@ -25,7 +25,7 @@ def run_chunk(dyn, state, batch, limit, length: int):
     observers = _observers(dyn)
 
     def body(state, i):
-        active = (state.status == dyn.status_code) & batch.system_mask
+        active = dyn.running(state, batch)
         go = (i < limit) & jnp.any(active)
         before = state.global_step
         state = jax.lax.cond(go, lambda s: dyn.step(s, batch), lambda s: s, state)
@@ -44,7 +44,7 @@ def run_chunk(dyn, state, batch, limit, length: int):
 
 
 def _any_active(dyn, state, batch) -> bool:
-    return bool(jnp.any((state.status == dyn.status_code) & batch.system_mask))
+    return bool(jnp.any(dyn.running(state, batch)))
 
 
 def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, progress=False):
