@@ -35,7 +35,7 @@ from nvalchemi_jax.models import LennardJones
 from nvalchemi_jax.models.base import volume
 
 SIGMA, EPSILON, CUTOFF, LATTICE = 3.40, 0.0104, 8.5, 5.26
-FMAX = 0.005            # tight enough that the final energy is within ~1e-6 eV/atom of the minimum
+FMAX = 1e-3             # tight enough that final energies are within ~1e-6 eV/atom of the minimum
 CELL_FMAX, CELL_SMAX = 0.01, 1e-4       # eV/Å, eV/Å³ (1e-4 eV/Å³ = 16 MPa)
 STRAIN = np.array([[1.04, 0.02, 0.0], [0.0, 0.98, 0.01], [0.0, 0.0, 1.02]])
 
@@ -157,6 +157,10 @@ def relax(dyn, batch, max_steps=3000):
     return dyn.run(batch, state=state, max_steps=max_steps)
 
 
+def all_converged(result, batch):
+    return bool(result.converged[np.asarray(batch.system_mask)].all())
+
+
 def per_system(result, batch, s):
     """(positions, cell, energy, forces, stress, steps) of slot ``s`` as numpy."""
     idx = batch.system_slices()[s]
@@ -175,7 +179,7 @@ def test_fire_follows_ase_in_a_mixed_batch(x64):
     systems = fire_systems()
     batch = batch_of(systems)
     result = relax(FIRE_DYN, batch)
-    assert result.converged.all()
+    assert all_converged(result, batch)
     for s, atoms in enumerate(systems):
         ref, ase_steps = ase_fire(atoms)
         positions, _, energy, forces, _, steps = per_system(result, batch, s)
@@ -239,7 +243,7 @@ def test_fire2_matches_the_published_algorithm(x64):
     e_min = crystal_energy_per_atom()
     print(f"FIRE2: steps {steps} (reference {ref_steps}), E/atom {energy / n:.10f} "
           f"(reference {ref.get_potential_energy() / n:.10f}, minimum {e_min:.10f})")
-    assert result.converged.all()
+    assert all_converged(result, batch)
     assert steps == ref_steps
     np.testing.assert_allclose(positions, ref.positions, atol=1e-8)
     assert fmax_of(forces) <= FMAX
@@ -278,7 +282,7 @@ def test_cell_fire_follows_ase_frechet_filter(x64):
     batch = batch_of(systems)
     dyn = CellFIRE(model=MODEL, pressure=jnp.asarray(CELL_PRESSURES), convergence=CELL_CONVERGENCE)
     result = relax(dyn, batch)
-    assert result.converged[:2].all()
+    assert all_converged(result, batch)
     for s, (atoms, pressure) in enumerate(zip(systems, CELL_PRESSURES)):
         ref, ase_steps = ase_cell_fire(atoms, pressure)
         positions, cell, energy, forces, stress, steps = per_system(result, batch, s)
@@ -301,18 +305,15 @@ def test_cell_fire_follows_ase_frechet_filter(x64):
     assert np.asarray(result.state.stage.system["pressure"]).tolist() == list(CELL_PRESSURES)
 
 
-def test_cell_fire_float32_converges_with_stable_types():
+@pytest.mark.slow
+def test_cell_fire_float32_slow():
     atoms = cell_systems()[0]
     batch = batch_of([atoms])
     dyn = CellFIRE(model=MODEL, convergence=CELL_CONVERGENCE)
     state = dyn.init(batch, neighbor_spec=neighbor_spec())
     assert state.positions.dtype == jnp.float32
-    after = jax.eval_shape(dyn.step, state, batch)
-    assert jax.tree.structure(after) == jax.tree.structure(state)
-    assert [(x.shape, x.dtype) for x in jax.tree.leaves(after)] == \
-        [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
     result = dyn.run(batch, state=state, max_steps=2000)
-    assert result.converged.all()
+    assert all_converged(result, batch)
     ref, ase_steps = ase_cell_fire(atoms, 0.0)
     _, cell, energy, _, _, steps = per_system(result, batch, 0)
     assert abs(energy - ref.get_potential_energy()) / len(atoms) < 1e-5
@@ -326,7 +327,7 @@ def test_optax_relaxer_reaches_the_minimum(x64, dyn):
     systems = fire_systems()[:2]
     batch = batch_of(systems)
     result = relax(dyn, batch)
-    assert result.converged[:2].all()
+    assert all_converged(result, batch)
     e_min = crystal_energy_per_atom()
     for s, atoms in enumerate(systems):
         _, _, energy, forces, _, steps = per_system(result, batch, s)
@@ -344,7 +345,7 @@ def test_optax_lbfgs_is_per_system(x64):
     systems = fire_systems()[:2]
     batch = batch_of(systems)
     mixed = relax(LBFGS_DYN, batch)
-    assert mixed.converged[:2].all()
+    assert all_converged(mixed, batch)
     assert mixed.state.stage.system["atom_index"].shape == (batch.num_systems, 108)
     for s, atoms in enumerate(systems):
         alone_batch = batch_of([atoms], sample_ids=[s])
@@ -371,10 +372,17 @@ def _dyn_for(name):
 
 
 @pytest.mark.parametrize("name", ["fire", "fire2", "cell_fire", "lbfgs"])
-def test_step_keeps_the_pytree_type(x64, name):
+def test_step_keeps_the_pytree_type(precision, name):
+    """A step returns the pytree it was given (structure, shapes, dtypes), as lax.scan needs;
+    checked by tracing alone, in both precisions."""
     dyn = _dyn_for(name)
     batch = batch_of(cell_systems() if name == "cell_fire" else fire_systems()[:2])
-    state = dyn.init(batch, neighbor_spec=neighbor_spec())
+    if name == "lbfgs":
+        dyn = dyn.replace(max_atoms=108)
+    nl = jax.eval_shape(lambda b: neighbors.build(neighbor_spec(), b.positions, b.cell, b), batch)
+    state = jax.eval_shape(lambda b, nl: dyn._initial_state(b, jax.random.key(0), nl), batch, nl)
+    assert state.positions.dtype == batch.positions.dtype == np.dtype(precision)
+    assert all(x.shape[0] == batch.num_systems for x in jax.tree.leaves(state.stage.system))
     after = jax.eval_shape(dyn.step, state, batch)
     assert type(after) is type(state) and type(after.stage) is type(state.stage)
     assert jax.tree.structure(after) == jax.tree.structure(state)
@@ -382,8 +390,15 @@ def test_step_keeps_the_pytree_type(x64, name):
         [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
 
 
-@pytest.mark.parametrize("name", ["fire", "cell_fire"])
+@pytest.mark.parametrize("name", [
+    "cell_fire",
+    pytest.param("fire", marks=pytest.mark.slow),
+    pytest.param("fire2", marks=pytest.mark.slow),
+    pytest.param("lbfgs", marks=pytest.mark.slow),
+])
 def test_jit_equals_eager(x64, name):
+    """Eager steps (op by op) against the compiled run loop. CellFIRE runs FIRE's update
+    too; the others are slow only because eager dispatch compiles every op once."""
     dyn = _dyn_for(name)
     batch = batch_of(cell_systems() if name == "cell_fire" else fire_systems()[:2])
     state = dyn.init(batch, neighbor_spec=neighbor_spec())
@@ -395,6 +410,7 @@ def test_jit_equals_eager(x64, name):
         np.testing.assert_allclose(np.asarray(getattr(eager, field)),
                                    np.asarray(getattr(compiled, field)), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(np.asarray(eager.step), np.asarray(compiled.step))
+    assert not np.array_equal(np.asarray(compiled.positions), np.asarray(state.positions))
 
 
 @pytest.mark.parametrize("cls, kwargs, name", [
@@ -444,7 +460,7 @@ def test_fire_vs_ase_many_structures_slow(x64, seed):
     for dyn in (FIRE_DYN, FIRE(model=MODEL, convergence=ConvergenceHook.from_fmax(0.05))):
         fmax = dyn.convergence.criteria[0].threshold
         result = dyn.run(batch, max_steps=5000)
-        assert result.converged.all()
+        assert all_converged(result, batch)
         for s, atoms in enumerate(systems):
             ref, ase_steps = ase_fire(atoms, fmax)
             positions, _, energy, forces, _, steps = per_system(result, batch, s)
@@ -465,7 +481,7 @@ def test_cell_fire_vs_ase_options_slow(x64, options):
     conv = ConvergenceHook.from_fmax(CELL_FMAX) if options.get("constant_volume") else CELL_CONVERGENCE
     dyn = CellFIRE(model=MODEL, pressure=jnp.asarray(pressures), convergence=conv, **options)
     result = dyn.run(batch, max_steps=5000)
-    assert result.converged.all()
+    assert all_converged(result, batch)
     for s, (atoms, pressure) in enumerate(zip(systems, pressures)):
         smax = np.inf if options.get("constant_volume") else CELL_SMAX
         ref, ase_steps = ase_cell_fire(atoms, pressure, smax=smax, **options)
@@ -503,12 +519,9 @@ def test_fire2_vs_ase_fire2_slow(x64):
 def test_float32_optimizers_slow():
     atoms = argon((3, 3, 3), 0.2, seed=3)
     batch = Batch.from_atoms([atoms])
-    with jax.enable_x64(True):
-        e_ref = ase_fire(atoms)[0].get_potential_energy() / len(atoms)
-    for dyn in (FIRE(model=MODEL, convergence=ConvergenceHook.from_fmax(0.01)),
-                FIRE2(model=MODEL, convergence=ConvergenceHook.from_fmax(0.01)),
-                OptaxRelaxer(model=MODEL, optimizer=optax.lbfgs(linesearch=None), max_step=0.2,
-                             convergence=ConvergenceHook.from_fmax(0.01))):
+    e_min = crystal_energy_per_atom()
+    for dyn in (FIRE_DYN, FIRE2_DYN, LBFGS_DYN, ADAM_DYN):
         result = dyn.run(batch, max_steps=5000)
-        assert result.converged.all()
-        assert abs(float(result.state.energy[0]) / len(atoms) - e_ref) < 1e-5
+        assert all_converged(result, batch)
+        assert result.state.positions.dtype == jnp.float32
+        assert abs(float(result.state.energy[0]) / len(atoms) - e_min) < 1e-5

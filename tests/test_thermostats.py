@@ -19,6 +19,8 @@ The default run keeps each physics test short (FCC argon, 64 systems of 32 atoms
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,50 +61,62 @@ def with_velocities(batch, temperature, seed=1):
     return batch.replace(velocities=v)
 
 
+@partial(jax.jit, static_argnames=("length", "record"))
+def _run_chunk(dyn, state, batch, length, record):
+    def body(state, _):
+        state = dyn.step(state, batch)
+        return state, record(dyn, state, batch)
+    return jax.lax.scan(body, state, None, length=length)
+
+
 def record_run(dyn, batch, state, n_chunks, chunk, record):
-    """Run ``n_chunks * chunk`` steps; return the final state and ``record(state, batch)``
-    after every step, stacked ``(steps, ...)`` on the host."""
-
-    @jax.jit
-    def run_chunk(state, batch):
-        def body(state, _):
-            state = dyn.step(state, batch)
-            return state, record(state, batch)
-        return jax.lax.scan(body, state, None, length=chunk)
-
+    """Run ``n_chunks * chunk`` steps; return the final state and ``record(dyn, state, batch)``
+    after every step, stacked ``(steps, ...)`` on the host. ``dyn`` is an argument of
+    the compiled chunk, so dynamics that differ only in numbers share one compilation."""
     out = []
     for _ in range(n_chunks):
-        state, rec = run_chunk(state, batch)
+        state, rec = _run_chunk(dyn, state, batch, chunk, record)
         out.append(jax.device_get(rec))
     return state, jax.tree.map(lambda *xs: np.concatenate(xs), *out)
 
 
-def kinetic(state, batch):
+def energy(dyn, state, batch):
+    return state.energy
+
+
+def kinetic(dyn, state, batch):
     return thermo.kinetic_energy(state.velocities, batch)
 
 
 def lag_autocorrelation(series):
-    """Lag-1 autocorrelation of ``series (T, S)``, pooled over systems."""
-    x = series - series.mean(axis=0)
+    """Lag-1 autocorrelation of ``series (T, S)`` of identically distributed systems
+    (deviations from the ensemble mean, pooled over systems)."""
+    x = series - series.mean()
     return float(np.sum(x[1:] * x[:-1]) / np.sum(x * x))
 
 
 # --------------------------------------------------------------------------- canonical sampling
+# name: (dynamics, remove_com for the dof, equilibration steps, sample stride, samples per
+# system in the default run). Strides: the kinetic-energy autocorrelation (measured with
+# 32 systems over 2,000 steps) is 0.09 at 10 steps and 0.006 at 20 for Langevin
+# (γ = 0.02/fs); Nosé–Hoover (τ = 50 fs) oscillates with a ~200 fs period and an
+# envelope that falls to 0.11 at 80 steps and 0.02 at 120.
 CANONICAL = {
-    # name: (dynamics, remove_com for the dof, equilibration steps, sample stride)
     "langevin": (NVTLangevin(model=LJ, dt=DT, temperature=T_TARGET, friction=0.02, skin=SKIN),
-                 False, 200, 20),
+                 False, 100, 20, 10),
     "nose_hoover": (NVTNoseHoover(model=LJ, dt=DT, temperature=T_TARGET, tau=50.0, skin=SKIN),
-                    True, 400, 40),
+                    True, 240, 80, 6),
 }
 
 
 @pytest.mark.parametrize("name", list(CANONICAL))
-@pytest.mark.parametrize("n_samples", [12, pytest.param(250, marks=pytest.mark.slow)])
-def test_canonical_kinetic_energy(name, n_samples):
+@pytest.mark.parametrize("long", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_canonical_kinetic_energy(name, long):
     """64 independent 32-atom argon crystals: mean T within 2 % of the target and
     per-system KE ~ Gamma(dof/2, kT) (KS test, p > 0.01) on time-decorrelated samples."""
-    dyn, remove_com, n_equilibrate, stride = CANONICAL[name]
+    dyn, remove_com, n_equilibrate, stride, n_samples = CANONICAL[name]
+    if long:                                                   # >= 10^4 steps
+        n_samples = 10_000 // stride
     batch = with_velocities(argon_batch(64), 2 * T_TARGET)
     state = dyn.init(batch, jax.random.key(7))
     n_steps = n_equilibrate + n_samples * stride
@@ -119,12 +133,12 @@ def test_canonical_kinetic_energy(name, n_samples):
     samples = ke[stride - 1::stride]                           # (n_samples, 64)
     # Samples one stride apart must be nearly independent for the KS test to hold.
     rho = lag_autocorrelation(samples)
-    assert abs(rho) < 0.2, rho
+    assert abs(rho) < 0.25, rho
     p = stats.kstest(samples.ravel(), "gamma", args=(dof / 2, 0.0, kt)).pvalue
     assert p > 0.01, (p, mean_t)
-    # The test has power: a 5 % wrong temperature (or wrong dof by 3) is rejected.
+    # The test has power: the same samples reject a temperature 5 % off.
     wrong = stats.kstest(samples.ravel(), "gamma", args=(dof / 2, 0.0, 1.05 * kt)).pvalue
-    assert wrong < p
+    assert wrong < 0.01, wrong
     print(f"{name}: mean T = {mean_t:.3f} K, KS p = {p:.3f} ({samples.size} samples, "
           f"lag-{stride} autocorrelation {rho:+.3f}), rebuilds {int(state.neighbors.rebuilds.sum())}")
 
@@ -141,9 +155,7 @@ def test_nose_hoover_conserves_extended_energy(x64, n_steps):
     dyn = NVTNoseHoover(model=LJ, dt=DT, temperature=temperatures, tau=50.0, skin=SKIN)
     state = dyn.init(batch, jax.random.key(0))
     h0 = np.asarray(nose_hoover_energy(state, batch, dyn))
-    chain = lambda s, b: nose_hoover_energy(s, b, dyn) - kinetic(s, b) - s.energy
-    _, (h, bath) = record_run(dyn, batch, state, n_steps // 200, 200,
-                              lambda s, b: (nose_hoover_energy(s, b, dyn), chain(s, b)))
+    _, (h, bath) = record_run(dyn, batch, state, n_steps // 200, 200, extended_and_bath)
     drift = np.max(np.abs(h - h0), axis=0)
     relative = drift / np.abs(h0)
     assert np.all(relative < 1e-4), relative
@@ -151,6 +163,12 @@ def test_nose_hoover_conserves_extended_energy(x64, n_steps):
     assert np.all(exchanged > 100 * drift), (exchanged, drift)
     print(f"NH extended energy over {n_steps} steps: max relative drift {relative.max():.2e} "
           f"(max |ΔH| {drift.max():.2e} eV; energy exchanged with the chain {exchanged.min():.2e} eV)")
+
+
+def extended_and_bath(dyn, state, batch):
+    """The extended energy and the thermostats' share of it, eV."""
+    h = nose_hoover_energy(state, batch, dyn)
+    return h, h - thermo.kinetic_energy(state.velocities, batch) - state.energy
 
 
 def _chain_reference(kinetic0, p0, masses, kt, dof, duration):
@@ -204,20 +222,36 @@ def test_chain_step_matches_exact_flow_with_yoshida_order(x64, chain_length):
 
 
 def test_nose_hoover_static_options_change_the_trajectory(x64):
-    """chain_length, yoshida_order and n_chain_steps reach the integrator."""
-    batch = with_velocities(argon_batch(1), 2 * T_TARGET)
+    """chain_length, yoshida_order and n_chain_steps reach the integrator: from one
+    state (a hot crystal whose chain is already moving), the thermostatted half of a
+    step differs for every option, and a short trajectory differs with chain_length."""
+    batch = with_velocities(argon_batch(1), 4 * T_TARGET)
+    base = dict(model=LJ, dt=DT, temperature=T_TARGET, tau=25.0, skin=SKIN)
     final = {}
     for options in [dict(), dict(chain_length=1), dict(chain_length=5), dict(yoshida_order=1),
-                    dict(yoshida_order=7), dict(n_chain_steps=3)]:
-        dyn = NVTNoseHoover(model=LJ, dt=DT, temperature=T_TARGET, tau=25.0, skin=SKIN, **options)
+                    dict(yoshida_order=5), dict(yoshida_order=7), dict(n_chain_steps=3)]:
+        dyn = NVTNoseHoover(**base, **options)
         state = dyn.init(batch, jax.random.key(0))
-        state, _ = record_run(dyn, batch, state, 1, 40, lambda s, b: s.energy)
-        final[tuple(options.items())] = np.asarray(state.velocities)
-        assert state.stage.system["eta"].shape == (1, options.get("chain_length", 3))
+        m = dyn.chain_length
+        assert state.stage.system["eta"].shape == (1, m)
+        # A chain in motion, the same for every option (its first three thermostats).
+        p_eta = jnp.asarray([[0.02, -0.01, 0.005, 0.0, 0.0][:m]])
+        state = state.replace(stage=state.stage.replace(system={**state.stage.system,
+                                                                "p_eta": p_eta}))
+        after = jax.jit(dyn.post_update)(state, batch)
+        final[tuple(options.items())] = np.concatenate([np.asarray(after.velocities).ravel(),
+                                                        np.asarray(after.stage.system["p_eta"])[0, :1]])
     keys = list(final)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            assert np.max(np.abs(final[a] - final[b])) > 1e-9, (a, b)
+            assert np.max(np.abs(final[a] - final[b])) > 1e-12, (a, b)
+    # Whole steps: one thermostat (plain Nosé–Hoover) vs a chain of three.
+    paths = []
+    for m in (1, 3):
+        dyn = NVTNoseHoover(**base, chain_length=m)
+        state, _ = record_run(dyn, batch, dyn.init(batch), 1, 40, energy)
+        paths.append(np.asarray(state.positions))
+    assert np.max(np.abs(paths[0] - paths[1])) > 1e-6
 
 
 # --------------------------------------------------------------------------- engine contract
@@ -255,12 +289,12 @@ def test_batch_invariance(x64, kind):
     mixed, temps = _batch(systems, Capacity(num_systems=3, num_atoms=160))
     dyn = _make(kind, temps)
     state = dyn.init(mixed, jax.random.key(4))
-    state, _ = record_run(dyn, mixed, state, 1, 30, lambda s, b: s.energy)
+    state, _ = record_run(dyn, mixed, state, 1, 30, energy)
     for slot, (system, idx) in enumerate(zip(systems, mixed.system_slices())):
         alone, t_alone = _batch([system])
         dyn1 = _make(kind, float(t_alone[0]))
         s1 = dyn1.init(alone, jax.random.key(4))
-        s1, _ = record_run(dyn1, alone, s1, 1, 30, lambda s, b: s.energy)
+        s1, _ = record_run(dyn1, alone, s1, 1, 30, energy)
         np.testing.assert_allclose(np.asarray(state.positions)[idx], np.asarray(s1.positions)[:len(idx)],
                                    rtol=0, atol=1e-10)
         np.testing.assert_allclose(np.asarray(state.velocities)[idx],
@@ -273,7 +307,7 @@ def test_batch_invariance(x64, kind):
         # ... and the noise really is the system's own: another sample id, another path.
         other = _batch([systems[1][:3] + (6,)])[0]
         s2 = dyn1.init(other, jax.random.key(4))
-        s2, _ = record_run(dyn1, other, s2, 1, 30, lambda s, b: s.energy)
+        s2, _ = record_run(dyn1, other, s2, 1, 30, energy)
         assert np.max(np.abs(np.asarray(s2.positions) - np.asarray(s1.positions))) > 1e-6
 
 
@@ -327,15 +361,15 @@ def test_langevin_edge_cases(x64):
     batch, temps = _batch(_systems())
     nve = NVE(model=LJ, dt=DT, skin=SKIN)
     frictionless = NVTLangevin(model=LJ, dt=DT, temperature=temps, friction=0.0, skin=SKIN)
-    a, _ = record_run(nve, batch, nve.init(batch), 1, 10, lambda s, b: s.energy)
-    b, _ = record_run(frictionless, batch, frictionless.init(batch), 1, 10, lambda s, b: s.energy)
+    a, _ = record_run(nve, batch, nve.init(batch), 1, 10, energy)
+    b, _ = record_run(frictionless, batch, frictionless.init(batch), 1, 10, energy)
     np.testing.assert_allclose(np.asarray(a.positions), np.asarray(b.positions), rtol=0, atol=1e-12)
 
-    cold = NVTLangevin(model=LJ, dt=DT, temperature=0.0, friction=0.05, skin=SKIN)
+    cold = NVTLangevin(model=LJ, dt=DT, temperature=jnp.zeros(2), friction=0.05, skin=SKIN)
     state = cold.init(batch)
-    e0 = np.asarray(kinetic(state, batch) + state.energy)
-    state, _ = record_run(cold, batch, state, 1, 20, lambda s, b: s.energy)
-    assert np.all(np.asarray(kinetic(state, batch) + state.energy) < e0)
+    e0 = np.asarray(kinetic(cold, state, batch) + state.energy)
+    state, _ = record_run(cold, batch, state, 1, 20, energy)
+    assert np.all(np.asarray(kinetic(cold, state, batch) + state.energy) < e0 - 1e-4)
     assert set(state.stage.system) == {"dt", "temperature", "friction"}
     assert state.stage.system["temperature"].shape == (batch.num_systems,)
     assert not NVTLangevin.conserves_momentum and NVTNoseHoover.conserves_momentum

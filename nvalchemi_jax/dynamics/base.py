@@ -361,15 +361,30 @@ class Dynamics:
         return state.replace(global_step=state.global_step + 1)
 
     # ------------------------------------------------------------ run
-    def run(self, batch: Batch, state: State | None = None, key: jax.Array | None = None,
-            max_steps: int | None = None, chunk_size: int = 100, progress: bool = False) -> "RunResult":
+    def run(self, batch: Batch | None = None, state: State | None = None, key: jax.Array | None = None,
+            max_steps: int | None = None, chunk_size: int = 100, progress: bool = False,
+            sampler=None, sinks=None, refill_frequency: int = 10):
         """Run compiled chunks of ``chunk_size`` steps until no system is active or
         ``max_steps`` steps were taken (default: ``n_steps``, else 10,000).
 
         Between chunks (never inside one) the host checks the neighbor list: on
         overflow it grows the capacity, recompiles once, and redoes the chunk
         from its start, so no step is lost; observer hooks get their records.
+
+        With ``sampler=`` (a :class:`~nvalchemi_jax.dynamics.sampler.SizeAwareSampler`)
+        and ``sinks=``, runs inflight instead: finished systems go to the sinks and
+        their slots are refilled every ``refill_frequency`` steps until the dataset
+        is exhausted (see :mod:`nvalchemi_jax.dynamics.inflight`); returns an
+        :class:`~nvalchemi_jax.dynamics.inflight.InflightResult`.
         """
+        if sampler is not None:
+            from nvalchemi_jax.dynamics.inflight import run_inflight
+            if batch is not None or state is not None:
+                raise ValueError("run(sampler=...) builds its own batch; do not pass batch or state")
+            return run_inflight(self, sampler, sinks, key=key, refill_frequency=refill_frequency,
+                                max_steps=max_steps, progress=progress)
+        if batch is None:
+            raise ValueError("run needs a batch (or a sampler and sinks)")
         from nvalchemi_jax.dynamics.run import run_loop
         return run_loop(self, batch, state=state, key=key, max_steps=max_steps,
                         chunk_size=chunk_size, progress=progress)

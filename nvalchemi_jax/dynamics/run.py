@@ -97,12 +97,12 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
 class _Progress:
     """A rich progress bar updated between chunks (never inside one)."""
 
-    def __init__(self, total, batch):
+    def __init__(self, total, batch, unit="steps"):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.n_systems = int(np.asarray(batch.system_mask).sum())
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
+                            TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(),
                             TextColumn("{task.fields[info]}"))
         self.task = self.bar.add_task("running", total=total, info="")
         self.bar.start()
@@ -113,6 +113,10 @@ class _Progress:
         failed = int((status == status_codes.FAILED).sum())
         self.bar.update(self.task, completed=taken,
                         info=f"{done}/{self.n_systems} done, {failed} failed")
+
+    def update_samples(self, written, state, dyn):
+        failed = int((np.asarray(state.status) == status_codes.FAILED).sum())
+        self.bar.update(self.task, completed=written, info=f"{failed} failed in batch")
 
     def close(self):
         self.bar.stop()
