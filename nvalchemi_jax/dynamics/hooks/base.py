@@ -83,7 +83,8 @@ class Hook:
             raise ValueError("Hook.record and Hook.on_host go together")
         if not self.name:
             fn = self.fn or self.record
-            object.__setattr__(self, "name", getattr(fn, "__name__", type(self).__name__))
+            name = getattr(fn, "__name__", "hook") if type(self) is Hook else type(self).__name__
+            object.__setattr__(self, "name", name)
 
     def due(self, step: jax.Array) -> jax.Array:
         return step % self.frequency == 0
