@@ -45,8 +45,11 @@ FIRE2_DYN = FIRE2(model=MODEL, convergence=ConvergenceHook.from_fmax(FMAX))
 CELL_CONVERGENCE = ConvergenceHook([Criterion("fmax", CELL_FMAX), Criterion("stress", CELL_SMAX)])
 ADAM = optax.adam(0.02)
 LBFGS = optax.lbfgs(linesearch=None)
-ADAM_DYN = OptaxRelaxer(model=MODEL, optimizer=ADAM, convergence=ConvergenceHook.from_fmax(FMAX))
-LBFGS_DYN = OptaxRelaxer(model=MODEL, optimizer=LBFGS, max_step=0.2,
+# Blocks of 108 atoms (the largest system) given explicitly: the default takes it from the
+# batch on the host, which jitted inits (below) cannot; test_optax_block_size_from_batch_slow.
+ADAM_DYN = OptaxRelaxer(model=MODEL, optimizer=ADAM, max_atoms=108,
+                        convergence=ConvergenceHook.from_fmax(FMAX))
+LBFGS_DYN = OptaxRelaxer(model=MODEL, optimizer=LBFGS, max_step=0.2, max_atoms=108,
                          convergence=ConvergenceHook.from_fmax(FMAX))
 
 
@@ -152,9 +155,16 @@ def batch_of(systems, sample_ids=None):
     return Batch.from_atoms(systems, capacity=CAPACITY, sample_ids=sample_ids)
 
 
+# init compiled with the neighbor build inside (one program per optimizer, any batch content).
+_init = jax.jit(lambda dyn, batch, spec: dyn.init(batch, neighbor_spec=spec), static_argnums=2)
+
+
+def start(dyn, batch):
+    return _init(dyn, batch, neighbor_spec())
+
+
 def relax(dyn, batch, max_steps=3000):
-    state = dyn.init(batch, neighbor_spec=neighbor_spec())
-    return dyn.run(batch, state=state, max_steps=max_steps)
+    return dyn.run(batch, state=start(dyn, batch), max_steps=max_steps)
 
 
 def all_converged(result, batch):
@@ -214,7 +224,7 @@ def test_fire_starts_from_rest_and_keeps_per_system_variables(x64):
     batch = batch_of([atoms])
     # Velocities the batch carries (e.g. from MD) are ignored: ASE's first step starts at rest.
     batch = batch.replace(velocities=jnp.where(batch.atom_mask[:, None], jnp.full((1, 3), 0.05), 0.0))
-    state = FIRE_DYN.init(batch, neighbor_spec=neighbor_spec())
+    state = start(FIRE_DYN, batch)
     assert set(state.stage.system) >= {"dt", "alpha", "n_pos"}
     assert all(x.shape[0] == batch.num_systems for x in jax.tree.leaves(state.stage.system))
     state = FIRE_DYN.run(batch, state=state, max_steps=1).state
@@ -310,7 +320,7 @@ def test_cell_fire_float32_slow():
     atoms = cell_systems()[0]
     batch = batch_of([atoms])
     dyn = CellFIRE(model=MODEL, convergence=CELL_CONVERGENCE)
-    state = dyn.init(batch, neighbor_spec=neighbor_spec())
+    state = start(dyn, batch)
     assert state.positions.dtype == jnp.float32
     result = dyn.run(batch, state=state, max_steps=2000)
     assert all_converged(result, batch)
@@ -349,12 +359,25 @@ def test_optax_lbfgs_is_per_system(x64):
     assert mixed.state.stage.system["atom_index"].shape == (batch.num_systems, 108)
     for s, atoms in enumerate(systems):
         alone_batch = batch_of([atoms], sample_ids=[s])
-        # Pad the alone run's blocks to the mixed run's width: same shapes, one compile.
-        state = LBFGS_DYN.replace(max_atoms=108).init(alone_batch, neighbor_spec=neighbor_spec())
-        alone = LBFGS_DYN.run(alone_batch, state=state, max_steps=3000)
+        alone = relax(LBFGS_DYN, alone_batch)
         a, b = per_system(mixed, batch, s), per_system(alone, alone_batch, 0)
         assert a[5] == b[5]
         np.testing.assert_allclose(a[0], b[0], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_optax_block_size_from_batch_slow(x64):
+    systems = fire_systems()[:2]
+    batch = Batch.from_atoms(systems)
+    dyn = OptaxRelaxer(model=MODEL, optimizer=LBFGS, max_step=0.2,
+                       convergence=ConvergenceHook.from_fmax(FMAX))
+    result = dyn.run(batch, max_steps=3000)
+    assert all_converged(result, batch)
+    assert result.state.stage.system["atom_index"].shape == (batch.num_systems, 108)
+    table = np.asarray(result.state.stage.system["atom_index"])
+    for s, idx in enumerate(batch.system_slices()):
+        np.testing.assert_array_equal(table[s, :len(idx)], idx)
+        assert (table[s, len(idx):] == batch.num_atoms).all()
 
 
 def test_optax_relaxer_rejects_line_searches_needing_the_objective():
@@ -377,9 +400,8 @@ def test_step_keeps_the_pytree_type(precision, name):
     checked by tracing alone, in both precisions."""
     dyn = _dyn_for(name)
     batch = batch_of(cell_systems() if name == "cell_fire" else fire_systems()[:2])
-    if name == "lbfgs":
-        dyn = dyn.replace(max_atoms=108)
-    nl = jax.eval_shape(lambda b: neighbors.build(neighbor_spec(), b.positions, b.cell, b), batch)
+    spec = neighbor_spec()
+    nl = jax.eval_shape(lambda b: neighbors.build(spec, b.positions, b.cell, b), batch)
     state = jax.eval_shape(lambda b, nl: dyn._initial_state(b, jax.random.key(0), nl), batch, nl)
     assert state.positions.dtype == batch.positions.dtype == np.dtype(precision)
     assert all(x.shape[0] == batch.num_systems for x in jax.tree.leaves(state.stage.system))
@@ -401,7 +423,7 @@ def test_jit_equals_eager(x64, name):
     too; the others are slow only because eager dispatch compiles every op once."""
     dyn = _dyn_for(name)
     batch = batch_of(cell_systems() if name == "cell_fire" else fire_systems()[:2])
-    state = dyn.init(batch, neighbor_spec=neighbor_spec())
+    state = start(dyn, batch)
     eager = state
     for _ in range(2):
         eager = dyn.step(eager, batch)

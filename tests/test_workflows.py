@@ -1,0 +1,135 @@
+"""Workflows: sample conservation through inflight refills, sinks and failures; fused
+stages equal sequential runs; refills never recompile; zarr round trips."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import zarr
+
+import nvalchemi_jax as nj
+from nvalchemi_jax.datasets import argon_systems, fcc_cluster
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, Hook, Stage, status
+from nvalchemi_jax.dynamics.sampler import SizeAwareSampler
+from nvalchemi_jax.dynamics.sinks import GPUBuffer, HostMemory, ZarrData, read_zarr
+from nvalchemi_jax.frames import Frames
+from nvalchemi_jax.models import LennardJones
+
+from _helpers import ARGON, argon_batch, count_compilations
+
+LJ = LennardJones(**ARGON, shift=True)
+
+
+def clusters(count, seed=0, low=4, high=13):
+    """Small open argon clusters (cheap to simulate in bulk)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        n = int(rng.integers(low, high))
+        p = fcc_cluster(n) + rng.normal(0, 0.05, (n, 3))
+        out.append({"positions": p, "atomic_numbers": np.full(n, 18)})
+    return out
+
+
+def staggered_nve(fail_every=None, fail_step=2):
+    """NVE whose systems finish after (sample_id % 5) + 1 steps; optionally NaN forces for
+    sample ids divisible by ``fail_every`` at their own step ``fail_step``."""
+    criterion = Criterion("custom", 0.0, custom=lambda s, b: ((b.sample_id % 5) + 1 - s.step).astype(s.energy.dtype))
+    hooks = []
+    if fail_every:
+        def poison(state, batch, ctx):
+            sick = (batch.sample_id % fail_every == 0) & (state.step == fail_step)
+            atoms = nj.batch.gather_systems(sick, batch.system_index, False)
+            return state.replace(forces=jnp.where(atoms[:, None], jnp.nan, state.forces))
+        hooks.append(Hook(poison, stages=(Stage.AFTER_COMPUTE,)))
+    return NVE(LJ, dt=2.0, convergence=ConvergenceHook((criterion,)), hooks=hooks)
+
+
+@pytest.mark.parametrize("refill_frequency", [1, 10])
+def test_every_sample_leaves_exactly_once(refill_frequency):
+    n = 5000 if refill_frequency == 10 else 1500
+    dataset = clusters(n, seed=refill_frequency)
+    sampler = SizeAwareSampler(dataset, nj.Capacity(64, 640))
+    sinks = [HostMemory(capacity=400), HostMemory(capacity=700), HostMemory()]
+    result = staggered_nve(fail_every=97).run(sampler=sampler, sinks=sinks, refill_frequency=refill_frequency)
+    frames = Frames.concatenate([s.read() for s in sinks])
+    ids = np.sort(frames.sample_id)
+    np.testing.assert_array_equal(ids, np.arange(n))            # none lost, none duplicated
+    assert len(sinks[0]) == 400 and len(sinks[1]) == 700          # full sinks overflowed to the next
+    failed = frames.sample_id[frames.status == status.FAILED]
+    np.testing.assert_array_equal(np.sort(failed), np.arange(0, n, 97))
+    assert np.all(frames.failure[frames.status == status.FAILED] == status.Failure.NONFINITE_FORCES)
+    ok = frames.status != status.FAILED
+    np.testing.assert_array_equal(frames.step[ok], frames.sample_id[ok] % 5 + 1)
+    # Each frame holds its own sample's atoms.
+    sizes = np.array([len(d["atomic_numbers"]) for d in dataset])
+    np.testing.assert_array_equal(frames.n_atoms, sizes[frames.sample_id])
+    assert result.written == n and result.failed == len(failed) and result.unfinished == []
+    assert 0 < result.padding_efficiency <= 1 and 0 < result.occupancy <= 1
+
+
+def test_full_sinks_apply_back_pressure_and_report():
+    dataset = clusters(30)
+    sampler = SizeAwareSampler(dataset, nj.Capacity(8, 128))
+    with pytest.raises(RuntimeError, match="sinks are full"):
+        staggered_nve().run(sampler=sampler, sinks=[HostMemory(capacity=10)], refill_frequency=2)
+
+
+def test_refill_never_recompiles():
+    dataset = clusters(600, seed=5)
+    dyn = staggered_nve()
+    warm = SizeAwareSampler(dataset[:50], nj.Capacity(16, 200))
+    dyn.run(sampler=warm, sinks=[HostMemory()], refill_frequency=1)
+    sampler = SizeAwareSampler(dataset, nj.Capacity(16, 200))
+    with count_compilations() as n:
+        result = dyn.run(sampler=sampler, sinks=[HostMemory()], refill_frequency=1)
+    assert result.refills > 100
+    assert n[0] == 0
+
+
+def test_sampler_packs_under_budgets_and_rejects_oversized():
+    sizes = [10, 50, 20, 30, 40]
+    dataset = clusters(5)
+    sampler = SizeAwareSampler(dataset, nj.Capacity(3, 70), sizes=sizes)
+    assert sampler.take(3, 70) == [0, 1]          # 10 + 50 fit; 20 would exceed 70
+    assert sampler.take(3, 55) == [2, 3]          # lookahead skips nothing it can fit
+    assert sampler.take(1, 10) == [] and not sampler.exhausted
+    with pytest.raises(ValueError, match="sample 1 has 50 atoms"):
+        SizeAwareSampler(dataset, nj.Capacity(3, 40), sizes=sizes)
+
+
+def test_zarr_round_trip_append_and_plain_zarr(tmp_path, x64):
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3), (2, 3, 3)], temperature=20.0, sample_ids=[4, 5, 6])
+    state = NVE(LJ, dt=2.0).init(batch)
+    frames = Frames.from_state(state, batch, np.asarray(batch.system_mask))
+    path = tmp_path / "run.zarr"
+    with ZarrData(path, buffer_frames=2) as sink:
+        sink.write(frames)
+    with ZarrData(path) as sink:                 # a second run appends
+        sink.write(frames.select(slice(1, 3)))
+    back = read_zarr(path)
+    assert len(back) == 5
+    np.testing.assert_array_equal(back.select(slice(0, 3)).positions, frames.positions)
+    np.testing.assert_array_equal(back.select(slice(3, 5)).energy, frames.energy[1:])
+    group = zarr.open_group(str(path), mode="r")          # plain zarr, no library code
+    offsets = group["offsets"][:]
+    np.testing.assert_array_equal(group["positions"][offsets[1]:offsets[2]],
+                                  np.asarray(state.positions)[32:80])
+    assert group.attrs["format"] == "nvalchemi_jax.frames"
+    atoms = back.to_atoms()
+    assert atoms[4].info["sample_id"] == 6 and len(atoms[4]) == 72
+    np.testing.assert_allclose(atoms[0].get_forces(), np.asarray(state.forces)[:32])
+
+
+def test_gpu_buffer_matches_host_path(x64):
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3), (2, 3, 3)], temperature=20.0)
+    state = NVE(LJ, dt=2.0).init(batch)
+    chosen = np.array([True, False, True] + [False] * (batch.num_systems - 3))
+    buffer = GPUBuffer(capacity=3, max_atoms=80)
+    assert buffer.write_from_state(state, batch, chosen) == 2
+    host = Frames.from_state(state, batch, chosen)
+    got = buffer.drain()
+    for f in ("positions", "forces", "atomic_numbers", "energy", "cell", "sample_id", "offsets"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(host, f))
+    assert len(buffer) == 0
+    assert buffer.write(host) == 2 and buffer.write(host) == 1 and buffer.is_full
