@@ -31,7 +31,7 @@ def clusters(count, seed=0, low=4, high=13):
     return out
 
 
-def staggered_nve(fail_every=None, fail_step=2):
+def staggered_nve(fail_every=None, fail_step=0):
     """NVE whose systems finish after (sample_id % 5) + 1 steps; optionally NaN forces for
     sample ids divisible by ``fail_every`` at their own step ``fail_step``."""
     criterion = Criterion("custom", 0.0, custom=lambda s, b: ((b.sample_id % 5) + 1 - s.step).astype(s.energy.dtype))
