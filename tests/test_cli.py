@@ -9,8 +9,8 @@ from nvalchemi_jax.cli import main
 from nvalchemi_jax.datasets import argon_systems, fcc_cluster, fcc_crystal
 
 
-def test_demo_runs(capsys):
-    main(["--systems", "6", "--max-atoms", "120", "--rows", "6"])
+def test_evaluate_runs(capsys):
+    main(["evaluate", "--systems", "6", "--max-atoms", "120", "--rows", "6"])
     out = capsys.readouterr().out
     assert "Lennard-Jones argon: 6 systems" in out
     assert "mean_energy_per_atom_eV" in out

@@ -2,9 +2,10 @@
 
 References are independent of the integrator: the static E(V) of the perfect
 crystal from ASE's Lennard-Jones calculator, its classical quasi-harmonic
-thermal expansion from ASE finite-difference Hessians, the ensemble identity
-<P_inst> = P_applied (with block-average error bars), conservation of the
-extended energy, and geometry (cell angles, axis ratios).
+thermal expansion from ASE finite-difference Hessians, the exact NPT volume
+distribution of an ideal gas, the ensemble identity <P_inst> = P_applied (with
+block-average error bars), conservation of the extended energy (and the dt²
+scaling of its error), and geometry (cell angles, axis ratios).
 
 Compilation dominates the cost on a CPU, so every run uses batches of one
 capacity (2 systems, 64 atoms), one neighbor-list spec and one recording scan
@@ -29,7 +30,9 @@ from nvalchemi_jax.models import LennardJones, volume
 
 SIGMA, EPSILON, CUTOFF, SWITCH_ON = 3.40, 0.0104, 8.5, 7.5
 LJ = LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=CUTOFF, switch_on=SWITCH_ON)
-CAPACITY = nj.Capacity(num_systems=2, num_atoms=64, max_neighbors=160)
+# No forces at all, but the same static configuration as LJ, so it shares LJ's compiled code.
+IDEAL_GAS = LennardJones(sigma=SIGMA, epsilon=0.0, cutoff=CUTOFF, switch_on=SWITCH_ON)
+CAPACITY = nj.Capacity(num_systems=2, num_atoms=64, max_neighbors=104)   # 86 needed at 0.5 GPa
 CHUNK = 100                      # steps per compiled scan
 DT = 5.0                         # fs
 TAU_T = 250.0                    # fs
@@ -80,14 +83,15 @@ def per_slot(*values):
     return jnp.asarray(values)
 
 
-def npt(coupling, cls=None, dt=DT, temperature=T_COLD, pressure=0.0, tau_t=TAU_T, tau_p=TAU_P):
+def npt(coupling, cls=None, dt=DT, temperature=T_COLD, pressure=0.0, tau_t=TAU_T, tau_p=TAU_P,
+        model=LJ):
     """An NPT (or NPH) whose numbers are all per-slot arrays, so that every dynamics of
     one class and coupling shares one compiled scan (scalars would change the avals)."""
     slots = lambda v: per_slot(*v) if isinstance(v, (tuple, list)) else per_slot(v)
     if cls is NPH:
-        return NPH(model=LJ, dt=slots(dt), pressure=slots(pressure), tau_p=slots(tau_p),
+        return NPH(model=model, dt=slots(dt), pressure=slots(pressure), tau_p=slots(tau_p),
                    coupling=coupling)
-    return NPT(model=LJ, dt=slots(dt), temperature=slots(temperature), pressure=slots(pressure),
+    return NPT(model=model, dt=slots(dt), temperature=slots(temperature), pressure=slots(pressure),
                tau_t=slots(tau_t), tau_p=slots(tau_p), coupling=coupling)
 
 
@@ -111,7 +115,7 @@ def start(dyn, batch, key=0):
     init (of an isotropic NPT) serves every dynamics; ``dyn`` then sets its own variables."""
     dyn.check(batch)
     neighbor_spec()                 # allocated on the host, before tracing
-    reference = NPT(model=LJ)
+    reference = NPT(model=dyn.model)
     state = _init(reference, batch, jax.random.key(key))
     return state.replace(stage=dyn.init_stage(state, batch))
 
@@ -121,7 +125,7 @@ def _chunk(dyn, state, batch, limit):
     """CHUNK steps (those at index >= limit are skipped), recording per-system observables."""
     def body(state, i):
         state = jax.lax.cond(i < limit, lambda s: dyn.step(s, batch), lambda s: s, state)
-        record = dict(conserved=npt_conserved_energy(state, batch, dyn),
+        record = dict(conserved=npt_conserved_energy(state, batch, dyn), energy=state.energy,
                       volume=volume(state.cell), kinetic=kinetic_energy(state.velocities, batch),
                       stress_trace=jnp.trace(state.stress, axis1=-2, axis2=-1), cell=state.cell)
         return state, record
@@ -153,29 +157,32 @@ def block_mean(x, n_blocks=10):
     return blocks.mean(), blocks.std(ddof=1) / np.sqrt(n_blocks)
 
 
-def conservation(h, skip=0.2):
-    """Of a conserved series, after the first ``skip`` of it (the shadow Hamiltonian of the
-    integrator differs from H by O(dt²) terms that depend on the state, so the start, far
-    from equilibrium, sits at an offset): its peak-to-peak fluctuation and its drift (last
-    tenth's mean minus first tenth's), both relative to |H|."""
-    h = np.asarray(h)[int(skip * len(h)):]
+def conservation(rec, system, skip=0.2):
+    """Of the conserved series of ``system``, after the first ``skip`` of it (the
+    integrator's shadow Hamiltonian differs from H by O(dt²) terms that depend on the
+    state, so the far-from-equilibrium start sits at an offset): its peak-to-peak
+    fluctuation and its drift (last tenth's mean minus first tenth's), both relative to
+    the potential energy |U| (the cohesive energy; |H| itself can be small, as P V
+    cancels much of U under pressure)."""
+    start = int(skip * len(rec["conserved"]))
+    h = rec["conserved"][start:, system]
+    scale = np.abs(rec["energy"][start:, system]).mean()
     tenth = max(1, len(h) // 10)
-    scale = abs(h.mean())
     return np.ptp(h) / scale, abs(h[-tenth:].mean() - h[:tenth].mean()) / scale
 
 
 # --------------------------------------------------------------------------- references (ASE)
-def _ase_crystal(a):
+def _ase_crystal(a, cutoff=CUTOFF, switch_on=SWITCH_ON):
     from ase.build import bulk
     from ase.calculators.lj import LennardJones as AseLJ
     atoms = bulk("Ar", "fcc", a=a, cubic=True) * (2, 2, 2)
-    atoms.calc = AseLJ(sigma=SIGMA, epsilon=EPSILON, rc=CUTOFF, ro=SWITCH_ON, smooth=True)
+    atoms.calc = AseLJ(sigma=SIGMA, epsilon=EPSILON, rc=cutoff, ro=switch_on, smooth=True)
     return atoms
 
 
-def _ase_log_det_hessian(a, h=1e-3):
+def _ase_log_det_hessian(a, cutoff=CUTOFF, switch_on=SWITCH_ON, h=1e-3):
     """Σ ln λ over the non-zero eigenvalues of the 32-atom crystal's Hessian (central differences)."""
-    atoms = _ase_crystal(a)
+    atoms = _ase_crystal(a, cutoff, switch_on)
     x0 = atoms.get_positions()
     hess = np.zeros((x0.size, x0.size))
     for k in range(x0.size):
@@ -190,22 +197,28 @@ def _ase_log_det_hessian(a, h=1e-3):
 
 
 @functools.cache
-def reference_eos():
+def reference_eos(cutoff=CUTOFF, switch_on=SWITCH_ON, a_range=(4.95, 5.295)):
     """Static E(V) of the perfect 32-atom crystal (ASE), its minimum V0, and the classical
-    quasi-harmonic free energy F(V, T) = E(V) + ½ kT Σ ln λ(V) (exact to first order in T).
+    quasi-harmonic free energy F(V, T) = E(V) + ½ kT Σ ln λ(V).
 
-    The C¹ switch makes E''(V) and the Hessian jump where a neighbor shell crosses
-    ``SWITCH_ON`` or ``CUTOFF`` (shell 6 leaves at a = 4.907 Å, shell 4 enters the switch
-    at a = 5.303 Å), so everything is fitted between those lattice constants."""
-    a_grid = np.linspace(4.95, 5.295, 70)
+    ``volume_at(T, P)`` minimises F + P V. ``slope`` is the exact O(T) coefficient of
+    the NPT mean volume at P = 0: d<V>/dT = −k/2 [L' / E2 + E3 / E2²] with L = Σ ln λ,
+    E2 and E3 the second and third derivatives of E(V) (the second term: p(V) ∝
+    exp(−F/kT) is skewed, so its mean is not its mode).
+
+    The C¹ switch makes E2 and the Hessian jump where a neighbor shell crosses
+    ``switch_on`` or ``cutoff`` (for 8.5/7.5 Å: shell 6 leaves at a = 4.907 Å, shell 4
+    enters the switch at a = 5.303 Å), so everything is fitted inside ``a_range``."""
+    a_grid = np.linspace(*a_range, 70)
     v_grid = 8 * a_grid**3
-    e_grid = np.array([_ase_crystal(a).get_potential_energy() for a in a_grid])
+    e_grid = np.array([_ase_crystal(a, cutoff, switch_on).get_potential_energy() for a in a_grid])
     energy = np.polynomial.Polynomial.fit(v_grid, e_grid, 7)
     assert np.max(np.abs(energy(v_grid) - e_grid)) < 1e-7          # the fit is exact enough
     v_fine = np.linspace(v_grid[0], v_grid[-1], 200_001)
     v0 = v_fine[np.argmin(energy(v_fine))]
-    a_hess = np.linspace(5.16, 5.295, 4)
-    log_det = np.polynomial.Polynomial.fit(8 * a_hess**3, [_ase_log_det_hessian(a) for a in a_hess], 2)
+    a_hess = np.linspace(max(a_range[0], 5.16), a_range[1], 4)
+    log_det = np.polynomial.Polynomial.fit(
+        8 * a_hess**3, [_ase_log_det_hessian(a, cutoff, switch_on) for a in a_hess], 2)
 
     def volume_at(temperature, pressure=0.0):
         v = v_fine[v_fine > 8 * a_hess[0] ** 3] if temperature > 0 else v_fine
@@ -213,7 +226,9 @@ def reference_eos():
         assert v[1] < v[np.argmin(g)] < v[-2], "minimum outside the fitted range"
         return v[np.argmin(g)]
 
-    return dict(v0=v0, energy=energy, volume_at=volume_at)
+    e2, e3 = energy.deriv(2)(v0), energy.deriv(3)(v0)
+    slope = -0.5 * KB * (log_det.deriv(1)(v0) / e2 + e3 / e2**2)
+    return dict(v0=v0, energy=energy, volume_at=volume_at, slope=slope)
 
 
 def lattice_for(v):
@@ -238,7 +253,7 @@ def isotropic_run(n_steps):
 @pytest.fixture(scope="module")
 def iso():
     with jax.enable_x64(True):
-        yield isotropic_run(4000)
+        yield isotropic_run(3000)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -266,17 +281,16 @@ def test_bad_nph_parameters_raise(kwargs, name):
 
 def test_cluster_and_fixed_atoms_raise():
     positions, cell = cubic(5.26)
-    cluster = nj.Batch.from_arrays(positions=[positions], atomic_numbers=[np.full(32, 18)])
-    slab = nj.Batch.from_arrays(positions=[positions], atomic_numbers=[np.full(32, 18)], cell=[cell],
-                                pbc=[[True, True, False]])
+    common = dict(positions=[positions], atomic_numbers=[np.full(32, 18)], min_distance=None)
+    cluster = nj.Batch.from_arrays(**common)
+    slab = nj.Batch.from_arrays(**common, cell=[cell], pbc=[[True, True, False]])
     for batch in (cluster, slab):
         for dyn in (NPT(model=LJ), NPH(model=LJ)):
             with pytest.raises(ValueError, match="periodic"):
                 dyn.init(batch)
     fixed = np.zeros(32, bool)
     fixed[0] = True
-    pinned = nj.Batch.from_arrays(positions=[positions], atomic_numbers=[np.full(32, 18)], cell=[cell],
-                                  pbc=[True], fixed=[fixed])
+    pinned = nj.Batch.from_arrays(**common, cell=[cell], pbc=[True], fixed=[fixed])
     with pytest.raises(ValueError, match="fixed"):
         NPT(model=LJ).init(pinned)
 
@@ -400,9 +414,9 @@ def test_isotropic_temperature_and_shape(iso):
 def test_npt_conserves_extended_energy(iso):
     h = iso["rec"]["conserved"][:, :2]
     for s in range(2):
-        fluctuation, drift = conservation(h[:, s])
+        fluctuation, drift = conservation(iso["rec"], s)
         print(f"NPT system {s}: extended energy fluctuation {fluctuation:.1e}, drift {drift:.1e} "
-              f"of |H| = {abs(h[-1, s]):.3f} eV")
+              f"of |U| = {abs(iso['rec']['energy'][-1, s]):.3f} eV")
         assert fluctuation < 1e-4 and drift < 1e-5
     # ... while the parts it is made of do change by far more
     assert np.ptp(iso["rec"]["volume"][:, 1] * P_HIGH) > 50 * np.ptp(h[:, 1])
@@ -438,16 +452,89 @@ def test_npt_energy_error_is_second_order(x64):
 
 
 def test_nph_conserves_enthalpy(x64):
-    rec = check_second_order(NPH, DT, 5000.0)
+    rec = check_second_order(NPH, DT, 2500.0)
     h = rec["conserved"][:, :2]
     for s in range(2):
-        fluctuation, drift = conservation(h[:, s])
+        fluctuation, drift = conservation(rec, s)
         print(f"NPH system {s}: fluctuation {fluctuation:.1e}, drift {drift:.1e}; "
               f"volume range {np.ptp(rec['volume'][:, s]):.2f} Å³")
         assert fluctuation < 1e-4 and drift < 1e-5
     # enthalpy flows between its parts: the P V term alone moves far more than H
     assert np.ptp(rec["volume"][:, 1] * P_HIGH) > 50 * np.ptp(h[:, 1])
     assert not any("thermostat" in k for k in rec["stage_keys"])      # no chains at all
+
+
+# --------------------------------------------------------------------------- ideal gas: exact ensemble
+GAS_ATOMS, GAS_T, GAS_BOX = 4, 100.0, 14.0
+
+
+def ideal_gas_run(n_steps):
+    """Two boxes of 4 non-interacting argon atoms at 100 K under P = 4 kT / (14 Å)³."""
+    rng = np.random.default_rng(7)
+    pressure = GAS_ATOMS * KB * GAS_T / GAS_BOX**3
+    systems = [(rng.uniform(0, GAS_BOX, (GAS_ATOMS, 3)), GAS_BOX * np.eye(3)) for _ in range(2)]
+    batch = make_batch(systems, temperatures=[GAS_T, GAS_T])
+    # no forces, so only the barostat and the chains limit dt. (The volume swings by ~50 %,
+    # so the neighbor list is rebuilt every few steps: this run costs ~10 ms/step on a CPU.)
+    dyn = npt("isotropic", model=IDEAL_GAS, dt=25.0, temperature=GAS_T, pressure=pressure,
+              tau_t=200.0, tau_p=500.0)
+    _, rec = simulate(dyn, batch, n_steps)
+    return rec, pressure
+
+
+def check_ideal_gas(n_steps, check_variance):
+    """With the centre of mass at rest, N atoms have N−1 free positions, so the MTK
+    ensemble gives p(V) ∝ V^(N−1) exp(−PV/kT): V P/kT is Gamma(N)-distributed,
+    mean N and variance N (not N−1 or N+1, which a wrong barostat measure, e.g. a
+    wrong 1/N_f term, gives); the kinetic energy is (3N−3) kT / 2 on average."""
+    rec, pressure = ideal_gas_run(n_steps)
+    skip = len(rec["volume"]) // 10
+    x = rec["volume"][skip:, :2] * pressure / (KB * GAS_T)              # (T, 2)
+    mean, err = block_mean(x.mean(axis=1), 20)
+    var = x.var(axis=0).mean()
+    t_kin = 2 * rec["kinetic"][skip:, :2] / ((3 * GAS_ATOMS - 3) * KB * GAS_T)
+    print(f"ideal gas: <PV/kT> = {mean:.3f} ± {err:.3f} (exact {GAS_ATOMS}), var {var:.2f} "
+          f"(exact {GAS_ATOMS}), <T_kin>/T = {t_kin.mean():.3f}")
+    assert abs(mean - GAS_ATOMS) < 3 * err + 0.02
+    assert abs(mean - GAS_ATOMS) < 0.4        # resolving power: N ± 1 would be off by 1
+    assert abs(t_kin.mean() - 1) < 0.05
+    if check_variance:
+        assert abs(var / GAS_ATOMS - 1) < 0.1
+
+
+def test_ideal_gas_volume_distribution(x64):
+    check_ideal_gas(1600, check_variance=False)
+
+
+@pytest.mark.slow
+def test_slow_ideal_gas_volume_distribution(x64):
+    check_ideal_gas(100_000, check_variance=True)
+
+
+@pytest.mark.slow
+def test_slow_thermal_expansion_matches_quasi_harmonic(x64):
+    """With the switch placed between neighbor shells 4 and 5 (7.75–7.95 Å), no pair enters
+    it at 2.5–5 K, so the sampled potential is analytic and the NPT mean volume must follow
+    the exact O(T) law V0 + slope·T (see reference_eos). (With 7.5–8.5 Å the fourth shell,
+    7.45 Å, vibrates across the C¹ kink at 7.5 Å, which pulls it in: the expansion then
+    comes out ~4 % short of the quasi-harmonic value, as the default tests see.)"""
+    cutoff, switch_on = 7.95, 7.75
+    model = LennardJones(sigma=SIGMA, epsilon=EPSILON, cutoff=cutoff, switch_on=switch_on)
+    ref = reference_eos(cutoff, switch_on, a_range=(5.10, 5.30))
+    temps = (2.5, 5.0)
+    batch = make_batch([cubic(lattice_for(ref["v0"] + ref["slope"] * t)) for t in temps],
+                       temperatures=[2 * t for t in temps])
+    # τ_p ∝ 1/√T keeps the volume period ~0.7 ps
+    dyn = npt("isotropic", model=model, temperature=temps,
+              tau_p=tuple(TAU_P * np.sqrt(T_COLD / t) for t in temps))
+    _, rec = simulate(dyn, batch, 40_000)
+    skip = len(rec["volume"]) // 5
+    for s, (t, allowance) in enumerate(zip(temps, (0.03, 0.05))):     # O(T²) terms grow with T
+        mean, err = block_mean(rec["volume"][skip:, s], 20)
+        ratio = (mean - ref["v0"]) / (ref["slope"] * t)
+        print(f"{t} K: <V> − V0 = {mean - ref['v0']:.3f} ± {err:.3f} Å³, O(T) law "
+              f"{ref['slope'] * t:.3f}: ratio {ratio:.3f} ± {err / (ref['slope'] * t):.3f}")
+        assert abs(ratio - 1) < allowance + 3 * err / (ref["slope"] * t)
 
 
 # --------------------------------------------------------------------------- triclinic, anisotropic
@@ -468,59 +555,65 @@ def triclinic_run(n_steps):
     return dict(state=state, rec=rec, v_ref=ref["volume_at"](T_COLD))
 
 
-def check_triclinic(run, volume_tolerance):
+def check_triclinic(run, volume_tolerance, angle_bound):
     rec = run["rec"]
     second = slice(len(rec["volume"]) // 2, None)
-    # the 60° primitive cell: no collapse, angles bounded, volume per atom at equilibrium
+    v_per_atom = run["v_ref"] / 32
+    # the 60° primitive cell: no collapse or blow-up, angles bounded, volume at equilibrium
     ang = angles(rec["cell"][:, 0])
     print(f"primitive cell angles {ang.min():.2f}–{ang.max():.2f}°; <V/atom> "
-          f"{rec['volume'][second, 0].mean() / 27:.3f} (ref {run['v_ref'] / 32:.3f}) Å³")
-    assert np.all(np.abs(ang - 60.0) < 2.0)
-    v_per_atom = run["v_ref"] / 32
+          f"{rec['volume'][second, 0].mean() / 27:.3f} (quasi-harmonic {v_per_atom:.3f}) Å³")
+    assert np.all(np.abs(ang - 60.0) < angle_bound)
     assert abs(rec["volume"][second, 0].mean() / 27 / v_per_atom - 1) < volume_tolerance
     assert abs(rec["volume"][second, 1].mean() / 32 / v_per_atom - 1) < volume_tolerance
-    # the cubic crystal sheared by 3 %: the shear relaxes (cell angle back to 90°)
+    # the cubic crystal sheared by 3 % (γ = 86.6°): the shear relaxes, γ returns to 90°
+    # (its thermal spread is about ±1°)
     gamma = angles(rec["cell"][:, 1])[:, 2]
     print(f"sheared cubic: γ from {gamma[0]:.2f}° to <γ> {gamma[second].mean():.2f}° "
           f"(range {gamma[second].min():.2f}–{gamma[second].max():.2f})")
     assert abs(gamma[0] - 90.0) > 3.0
-    assert abs(gamma[second].mean() - 90.0) < 0.5
+    assert abs(gamma[second].mean() - 90.0) < 0.7
     for s in range(2):
-        fluctuation, drift = conservation(rec["conserved"][:, s])
+        fluctuation, drift = conservation(rec, s)
         assert fluctuation < 1e-4 and drift < 1e-5
 
 
 def test_triclinic_cell_stable_and_shear_relaxes(x64):
-    check_triclinic(triclinic_run(3000), volume_tolerance=0.02)
+    check_triclinic(triclinic_run(2000), volume_tolerance=0.005, angle_bound=2.0)
 
 
 def anisotropic_run(n_steps):
+    """Two cubic crystals strained by +4 % along x and −4 % along z, 10 K, P = 0."""
     ref = reference_eos()
     a = lattice_for(ref["volume_at"](T_COLD))
-    batch = make_batch([cubic(a, strain=np.diag([0.03, 0, 0])), cubic(a, strain=np.diag([0, 0, -0.03]))],
+    batch = make_batch([cubic(a, strain=np.diag([0.04, 0, 0])), cubic(a, strain=np.diag([0, 0, -0.04]))],
                        temperatures=[2 * T_COLD] * 2)
-    dyn = npt("anisotropic")
-    state, rec = simulate(dyn, batch, n_steps)
+    state, rec = simulate(npt("anisotropic"), batch, n_steps)
     return dict(state=state, rec=rec, a=a)
 
 
 def check_anisotropic(run, tolerance):
+    """The cells stay orthorhombic, and the imposed anisotropy (about 2.7 % per axis)
+    relaxes to within ``tolerance``: the crystals become cubic again, at the equilibrium
+    lattice. (At 10 K each axis of this 32-atom crystal fluctuates by ~1 % with a period
+    of picoseconds, so picosecond averages scatter by a few tenths of a percent.)"""
     rec = run["rec"]
     second = slice(len(rec["volume"]) // 2, None)
     cells = rec["cell"][:, :2]
-    off = cells - cells * np.eye(3)
-    assert np.all(off == 0.0)                       # orthorhombic stays orthorhombic
-    lengths = np.diagonal(cells, axis1=-2, axis2=-1)[second].mean(axis=0)   # (2, 3)
-    print(f"anisotropic: initial lengths {np.diagonal(cells[0], axis1=-2, axis2=-1)}, "
-          f"mean lengths {lengths}, cubic 2a = {2 * run['a']:.4f}")
-    # both strained crystals relax to cubic at the equilibrium lattice
-    for s in range(2):
-        np.testing.assert_allclose(lengths[s] / lengths[s].mean(), 1.0, atol=tolerance)
-        np.testing.assert_allclose(lengths[s], 2 * run["a"], rtol=2 * tolerance)
+    assert np.all(cells * (1 - np.eye(3)) == 0.0)                 # orthorhombic stays so
+    lengths = np.diagonal(cells, axis1=-2, axis2=-1)               # (T, 2, 3)
+    anisotropy = lengths / lengths.mean(axis=-1, keepdims=True) - 1
+    print(f"anisotropic: initial anisotropy {np.round(anisotropy[0], 4).tolist()}, second half "
+          f"{np.round(anisotropy[second].mean(axis=0), 4).tolist()}; mean lengths "
+          f"{np.round(lengths[second].mean(axis=0), 4).tolist()}, cubic 2a = {2 * run['a']:.4f}")
+    assert np.all(np.abs(anisotropy[0]).max(axis=-1) > 0.025)
+    assert np.all(np.abs(anisotropy[second].mean(axis=0)) < tolerance)
+    volume_per_atom = rec["volume"][second, :2].mean(axis=0) / 32
+    np.testing.assert_allclose(volume_per_atom, run["a"] ** 3 / 4, rtol=0.005)
 
 
 def test_anisotropic_relaxes_uniaxial_strain(x64):
-    check_anisotropic(anisotropic_run(3000), tolerance=0.005)
+    check_anisotropic(anisotropic_run(2000), tolerance=0.01)
 
 
 # --------------------------------------------------------------------------- long acceptance runs
@@ -531,7 +624,7 @@ def test_slow_isotropic_volume_pressure_energy(x64):
     check_pressure(run)
     check_temperatures(run, tolerance=0.03)
     for s in range(2):
-        fluctuation, drift = conservation(run["rec"]["conserved"][:, s])
+        fluctuation, drift = conservation(run["rec"], s)
         assert fluctuation < 1e-4 and drift < 2e-6
 
 
@@ -539,11 +632,29 @@ def test_slow_isotropic_volume_pressure_energy(x64):
 def test_slow_nph_conserves_enthalpy(x64):
     rec = conserved_series(NPH, DT, 100_000.0)
     for s in range(2):
-        fluctuation, drift = conservation(rec["conserved"][:, s])
+        fluctuation, drift = conservation(rec, s)
         assert fluctuation < 1e-4 and drift < 2e-6
 
 
 @pytest.mark.slow
 def test_slow_triclinic_and_anisotropic(x64):
-    check_triclinic(triclinic_run(20_000), volume_tolerance=0.01)
-    check_anisotropic(anisotropic_run(20_000), tolerance=0.003)
+    check_triclinic(triclinic_run(20_000), volume_tolerance=0.003, angle_bound=2.5)
+    check_anisotropic(anisotropic_run(20_000), tolerance=0.005)
+
+
+@pytest.mark.slow
+def test_slow_float32():
+    """Default precision: the same physics, with the extended energy conserved to float32 round-off."""
+    ref = reference_eos()
+    a = lattice_for(ref["volume_at"](T_COLD))
+    for coupling in ("isotropic", "triclinic"):
+        shear = np.array([[0, 0.02, 0], [0.02, 0, 0], [0, 0, 0]])
+        batch = make_batch([cubic(a), cubic(a, strain=shear)], temperatures=[2 * T_COLD] * 2)
+        assert batch.positions.dtype == np.float32
+        _, rec = simulate(npt(coupling), batch, 10_000)
+        second = slice(len(rec["volume"]) // 2, None)
+        for s in range(2):
+            fluctuation, drift = conservation(rec, s)
+            print(f"float32 {coupling} {s}: fluctuation {fluctuation:.1e} drift {drift:.1e}")
+            assert fluctuation < 1e-3 and drift < 2e-4
+            assert abs(rec["volume"][second, s].mean() / ref["volume_at"](T_COLD) - 1) < 0.01

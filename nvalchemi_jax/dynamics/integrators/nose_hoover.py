@@ -25,6 +25,8 @@ thermostat is integrated accurately even when ``τ`` is a few ``dt``.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -36,7 +38,7 @@ from nvalchemi_jax.dynamics.base import Dynamics, StageState, check_positive, pe
 from nvalchemi_jax.dynamics.integrators.nve import drift, half_kick
 
 
-def _yoshida_weights(order: int) -> tuple[float, ...]:
+def yoshida_weights(order: int) -> tuple[float, ...]:
     """Suzuki–Yoshida weights of a symmetric composition: 1 (2nd order), 3 (4th), 5 (4th,
     Suzuki's fractal) or 7 (6th order, Yoshida's solution A). They sum to 1."""
     if order == 1:
@@ -71,7 +73,7 @@ def chain_half_step(kinetic, eta, momenta, masses, kt, dof, duration, weights, n
 
     kinetic: ``(S,)`` eV, the particles' kinetic energy K. eta, momenta, masses:
     ``(S, M)`` (dimensionless, eV·fs, eV·fs²). kt: ``(S,)`` eV. dof: ``(S,)``.
-    weights: Suzuki–Yoshida weights; n_chain_steps: sub-steps (a static int).
+    weights: Suzuki–Yoshida weights; n_chain_steps: sub-steps (a static int, unrolled).
     Returns ``(scale (S,), eta, momenta)``: multiply every velocity of a system by
     its ``scale``. Each sub-step of length δ is the symmetric splitting
     p_M…p₁ (δ/2, with friction factors exp(−δ/4 p_{k+1}/Q_{k+1}) around each kick),
@@ -90,10 +92,12 @@ def chain_half_step(kinetic, eta, momenta, masses, kt, dof, duration, weights, n
         damp = jnp.exp(-0.25 * delta * p[k + 1] / masses[:, k + 1])
         return (p[k] * damp + 0.5 * delta * force(k, ke, p)) * damp
 
-    def sub_step(_, carry):
-        scale, ke, eta, p = carry
-        p = [p[:, k] for k in range(m)]
-        eta = [eta[:, k] for k in range(m)]
+    # Unrolled (n_chain_steps and the weights are small static numbers): cheap to
+    # compile, and fast when called eagerly.
+    p = [momenta[:, k] for k in range(m)]
+    eta = [eta[:, k] for k in range(m)]
+    scale, ke = jnp.ones_like(kinetic), kinetic
+    for _ in range(n_chain_steps):
         for w in weights:
             delta = w * duration / n_chain_steps
             for k in reversed(range(m)):
@@ -103,11 +107,7 @@ def chain_half_step(kinetic, eta, momenta, masses, kt, dof, duration, weights, n
             eta = [eta[k] + delta * p[k] / masses[:, k] for k in range(m)]
             for k in range(m):
                 p[k] = kick(k, ke, p, delta)
-        return scale, ke, jnp.stack(eta, axis=1), jnp.stack(p, axis=1)
-
-    carry = (jnp.ones_like(kinetic), kinetic, eta, momenta)
-    scale, _, eta, momenta = jax.lax.fori_loop(0, n_chain_steps, sub_step, carry)
-    return scale, eta, momenta
+    return scale, jnp.stack(eta, axis=1), jnp.stack(p, axis=1)
 
 
 def chain_energy(eta, momenta, masses, kt, dof) -> jax.Array:
@@ -138,6 +138,7 @@ class NVTNoseHoover(Dynamics):
 
         md = NVTNoseHoover(model=lj, dt=5.0, temperature=50.0, tau=250.0, n_steps=1000)
         state = md.init(batch, jax.random.key(0))
+        h0 = nose_hoover_energy(state, batch, md)               # (S,) eV
         state = jax.jit(md.step)(state, batch)
         drift = nose_hoover_energy(state, batch, md) - h0
     """
@@ -155,7 +156,7 @@ class NVTNoseHoover(Dynamics):
         check_positive("NVTNoseHoover", dt=self.dt, temperature=self.temperature, tau=self.tau)
         for name in ("chain_length", "n_chain_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"NVTNoseHoover.{name} must be an int >= 1, got {value!r}")
         if isinstance(self.yoshida_order, bool) or self.yoshida_order not in YOSHIDA_ORDERS:
             raise ValueError(f"NVTNoseHoover.yoshida_order must be one of {YOSHIDA_ORDERS} "
@@ -176,7 +177,7 @@ class NVTNoseHoover(Dynamics):
         masses = chain_masses(dof, kt, p["tau"], self.chain_length)
         scale, eta, momenta = chain_half_step(
             thermo.kinetic_energy(state.velocities, batch), p["eta"], p["p_eta"], masses, kt, dof,
-            0.5 * p["dt"], _yoshida_weights(self.yoshida_order), self.n_chain_steps)
+            0.5 * p["dt"], yoshida_weights(self.yoshida_order), self.n_chain_steps)
         velocities = state.velocities * gather_systems(scale, batch.system_index)[:, None]
         stage = state.stage.replace(system={**p, "eta": eta, "p_eta": momenta})
         return state.replace(velocities=velocities, stage=stage)
@@ -202,4 +203,5 @@ def nose_hoover_energy(state, batch, dynamics: NVTNoseHoover) -> jax.Array:
             + chain_energy(p["eta"], p["p_eta"], masses, kt, dof))
 
 
-__all__ = ["NVTNoseHoover", "chain_half_step", "chain_masses", "nose_hoover_energy"]
+__all__ = ["NVTNoseHoover", "chain_energy", "chain_half_step", "chain_masses", "nose_hoover_energy",
+           "yoshida_weights"]

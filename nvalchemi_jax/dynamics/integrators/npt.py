@@ -43,12 +43,13 @@ the bulk modulus): at low temperature the barostat is much faster than
 ``τ_p`` suggests, so pick a larger ``τ_p`` for cold solids.
 
 Every system must be periodic along all three axes. Fixed atoms are not
-supported (the cell motion would have to move them).
+supported (the cell motion would have to move them). ``N_f = 3N − 3``: start
+from velocities without centre-of-mass motion (as
+:func:`~nvalchemi_jax.dynamics.thermo.maxwell_boltzmann` draws them); the
+equations keep the total momentum at zero.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,8 @@ class MTKBarostat(Dynamics):
     :func:`units.bar_to_stress`; negative = tension). tau_p: barostat time constant in fs.
     temperature: K, sets the masses (and, for NPT, the target). All are scalars or per
     system ``(S,)``. coupling: ``"isotropic"``, ``"anisotropic"`` or ``"triclinic"``.
+    Needs the stress every step; ``StageState.system["pressure"]`` is the applied
+    pressure (read by the ``"stress"`` convergence criterion).
     """
 
     dt: float = 1.0

@@ -74,6 +74,14 @@ def expm3_adjoint(log_f: jax.Array, g: jax.Array) -> jax.Array:
     return pull(g)[0]
 
 
+def inverse3(m: jax.Array) -> jax.Array:
+    """Inverse of ``(..., 3, 3)`` matrices from the adjugate (well conditioned here: F ≈ 1)."""
+    cof = jnp.stack([jnp.cross(m[..., 1, :], m[..., 2, :]), jnp.cross(m[..., 2, :], m[..., 0, :]),
+                     jnp.cross(m[..., 0, :], m[..., 1, :])], axis=-2)   # rows: cofactors of columns
+    det = jnp.sum(m[..., 0, :] * cof[..., 0, :], axis=-1)
+    return transpose(cof) / det[..., None, None]
+
+
 def transpose(m: jax.Array) -> jax.Array:
     return jnp.swapaxes(m, -1, -2)
 
@@ -123,8 +131,9 @@ class CellFIRE(FIRE):
                    reference_cell=state.cell, log_deformation=zeros, cell_velocity=zeros)
         return StageState(system=sys)
 
-    def cell_forces(self, state, deform, inv_deform) -> jax.Array:
-        """``(S, 3, 3)`` generalised forces on the cell coordinates ``c log F`` (eV/Å)."""
+    def cell_forces(self, state, inv_deform, pull) -> jax.Array:
+        """``(S, 3, 3)`` generalised forces on the cell coordinates ``c log F`` (eV/Å);
+        ``pull`` is the vjp of ``exp`` at the current ``log F``."""
         sys = state.stage.system
         eye = jnp.eye(3, dtype=state.stress.dtype)
         virial = -volume(state.cell)[:, None, None] * (
@@ -132,7 +141,7 @@ class CellFIRE(FIRE):
         if self.hydrostatic_strain:
             virial = (jnp.trace(virial, axis1=-2, axis2=-1) / 3.0)[:, None, None] * eye
         # -dH/dF = W F^-T, then through F = exp(L) to L, then scaled like the coordinates.
-        force = expm3_adjoint(sys["log_deformation"], matmul3(virial, transpose(inv_deform)))
+        force = pull(matmul3(virial, transpose(inv_deform)))[0]
         force = force / sys["cell_factor"][:, None, None]
         if self.constant_volume:
             force = force - (jnp.trace(force, axis1=-2, axis2=-1) / 3.0)[:, None, None] * eye
@@ -141,12 +150,13 @@ class CellFIRE(FIRE):
     def pre_update(self, state, batch):
         sys = state.stage.system
         log_f = sys["log_deformation"]
-        deform, inv_deform = expm3(log_f), expm3(-log_f)
+        deform, pull = jax.vjp(expm3, log_f)
+        inv_deform = inverse3(deform)
         idx = batch.system_index
         # Atoms in the undeformed frame: r0 = r F^-T, forces f0 = f F.
         r0 = vecmat(state.positions, gather_systems(transpose(inv_deform), idx))
         f = vecmat(state.forces, gather_systems(deform, idx))
-        fc = self.cell_forces(state, deform, inv_deform)
+        fc = self.cell_forces(state, inv_deform, pull)
         started = sys["started"]
         v = jnp.where(gather_systems(started, idx, False)[:, None], state.velocities, 0.0)
         vc = jnp.where(started[:, None, None], sys["cell_velocity"], 0.0)

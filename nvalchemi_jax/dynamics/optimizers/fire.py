@@ -162,6 +162,8 @@ class FIRE(Dynamics):
     f_alpha: float = 0.99
 
     conserves_momentum = False
+    #: A fused stage entering this optimizer sets the velocities to zero.
+    zero_velocities_on_entry = True
 
     def validate(self):
         name = type(self).__name__
@@ -244,6 +246,8 @@ class FIRE2(Dynamics):
     initial_delay: bool = struct.field(pytree_node=False, default=True)
 
     conserves_momentum = False
+    #: A fused stage entering this optimizer sets the velocities to zero.
+    zero_velocities_on_entry = True
 
     def validate(self):
         name = type(self).__name__

@@ -100,6 +100,8 @@ class OptaxRelaxer(Dynamics):
     max_atoms: int | None = struct.field(pytree_node=False, default=None)
 
     conserves_momentum = False
+    #: A fused stage entering this optimizer sets the velocities to zero.
+    zero_velocities_on_entry = True
 
     def validate(self):
         name = type(self).__name__
