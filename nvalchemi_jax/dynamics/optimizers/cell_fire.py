@@ -22,7 +22,8 @@ atom velocities (in the undeformed frame) live in ``state.velocities``.
 Converge on forces and stress together, e.g.
 ``ConvergenceHook([Criterion("fmax", 0.05), Criterion("stress", 1e-4)])``: the
 applied pressure is stored as ``state.stage.system["pressure"]``, so the stress
-criterion measures ``max |σ + p 1|`` (eV/Å³).
+criterion measures ``max |σ + p 1|`` (eV/Å³). (ASE's own test on a filter differs: it
+bounds the generalised forces, ``f F`` and the scaled cell force.)
 """
 
 from __future__ import annotations

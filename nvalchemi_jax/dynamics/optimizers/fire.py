@@ -65,8 +65,9 @@ def check_count(owner: str, **values) -> None:
         if value is None or not _concrete(value):
             continue
         arr = np.asarray(value)
-        if arr.dtype == bool or not np.all(np.isfinite(arr.astype(float))) \
-                or np.any(arr < 0) or np.any(np.asarray(arr, float) != np.round(np.asarray(arr, float))):
+        as_float = arr.astype(float)
+        whole = np.isfinite(as_float) & (as_float == np.round(as_float))
+        if arr.dtype == bool or not np.all(whole) or np.any(as_float < 0):
             raise ValueError(f"{owner}.{name} must be a non-negative integer, got {value!r}")
 
 
