@@ -1,7 +1,13 @@
 """Test configuration: float64 on request, a --runslow switch for the long physics runs."""
 
-import jax
-import pytest
+import os
+
+# One BLAS thread: ASE's filters call small LAPACK routines that crawl when OpenBLAS
+# threads compete for the two cores of the CI machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):

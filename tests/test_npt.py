@@ -7,9 +7,10 @@ distribution of an ideal gas, the ensemble identity <P_inst> = P_applied (with
 block-average error bars), conservation of the extended energy (and the dt²
 scaling of its error), and geometry (cell angles, axis ratios).
 
-Compilation dominates the cost on a CPU, so every run uses batches of one
-capacity (2 systems, 64 atoms), one neighbor-list spec and one recording scan
-(``_chunk``, with the dynamics as an argument), so each coupling compiles once.
+Compilation dominates the cost on a CPU, so the crystal runs all use batches of
+one capacity (2 systems, 64 atoms), one neighbor-list spec, one compiled init
+and one recording scan (``_chunk``, with the dynamics as an argument): each
+coupling (and NPH) compiles once. The ideal gas has a small capacity of its own.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def make_batch(structures, temperatures=None, key=0, capacity=CAPACITY):
         atomic_numbers=[np.full(len(p), 18) for p, _ in structures],
         pbc=[True] * len(structures), capacity=capacity, min_distance=None)   # perfect crystals
     if temperatures is not None:
-        t = np.zeros(CAPACITY.num_systems)
+        t = np.zeros(capacity.num_systems)
         t[:len(temperatures)] = temperatures
         batch = batch.replace(velocities=_maxwell_boltzmann(batch, jnp.asarray(t), jax.random.key(key)))
     return batch

@@ -261,7 +261,7 @@ class Dynamics:
             _, nl = neighbors.allocate(batch, cutoff=self.model.cutoff, skin=self.skin,
                                        method=self.neighbor_method)
         else:
-            nl = neighbors.build(neighbor_spec, batch.positions, batch.cell, batch)
+            nl = neighbors._build_jit(neighbor_spec, batch.positions, batch.cell, batch)
         return _initial_state(self, batch, key, nl)
 
     def _initial_state(self, batch: Batch, key: jax.Array, nl: neighbors.NeighborList) -> State:
