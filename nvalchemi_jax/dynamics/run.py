@@ -27,9 +27,11 @@ def run_chunk(dyn, state, batch, limit, length: int):
     def body(state, i):
         active = dyn.running(state, batch)
         go = (i < limit) & jnp.any(active)
-        before = state.global_step
+        before, old_status = state.global_step, state.status
         state = jax.lax.cond(go, lambda s: dyn.step(s, batch), lambda s: s, state)
-        ctx = HookContext(step=before, active=active, converged=jnp.zeros_like(active))
+        # Systems that left a stage in this step (converged), as ON_CONVERGE hooks see them.
+        converged = active & (state.status != old_status) & (state.status != status_codes.FAILED)
+        ctx = HookContext(step=before, active=active, converged=converged)
         records, due = [], []
         for hook in observers:
             is_due = go & hook.due(before)
