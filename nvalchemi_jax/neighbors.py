@@ -375,26 +375,31 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     return batch.system_mask & (too_far | nl.stale)
 
 
+def _rebuild_some(nl: NeighborList, positions, cell, batch: Batch, rebuild) -> NeighborList:
+    new = build(nl.spec, positions, cell, batch)
+    atom = gather_systems(rebuild, batch.system_index, False)
+    pick = lambda a, b, sel: jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
+    return nl.replace(
+        indices=pick(new.indices, nl.indices, atom),
+        shifts=pick(new.shifts, nl.shifts, atom),
+        reference_positions=pick(positions, nl.reference_positions, atom),
+        reference_cell=pick(cell, nl.reference_cell, rebuild),
+        max_shift=pick(new.max_shift, nl.max_shift, rebuild),
+        stale=nl.stale & ~rebuild,
+        rebuilds=nl.rebuilds + rebuild.astype(jnp.int32),
+        needed=jnp.maximum(nl.needed, new.needed),
+    )
+
+
+def _keep(nl, positions, cell, batch, rebuild):
+    return nl
+
+
 def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
     """Rebuild the rows of the systems that need it (jit-able). Skips all work when none does."""
     rebuild = needs_rebuild(nl, positions, cell, batch)
-
-    def rebuild_some(nl):
-        new = build(nl.spec, positions, cell, batch)
-        atom = gather_systems(rebuild, batch.system_index, False)
-        pick = lambda a, b, sel: jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
-        return nl.replace(
-            indices=pick(new.indices, nl.indices, atom),
-            shifts=pick(new.shifts, nl.shifts, atom),
-            reference_positions=pick(positions, nl.reference_positions, atom),
-            reference_cell=pick(cell, nl.reference_cell, rebuild),
-            max_shift=pick(new.max_shift, nl.max_shift, rebuild),
-            stale=nl.stale & ~rebuild,
-            rebuilds=nl.rebuilds + rebuild.astype(jnp.int32),
-            needed=jnp.maximum(nl.needed, new.needed),
-        )
-
-    return jax.lax.cond(jnp.any(rebuild), rebuild_some, lambda nl: nl, nl)
+    # Module-level branches: eager calls reuse the compiled cond instead of retracing.
+    return jax.lax.cond(jnp.any(rebuild), _rebuild_some, _keep, nl, positions, cell, batch, rebuild)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:

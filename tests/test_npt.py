@@ -310,9 +310,12 @@ def test_init_and_step_same_pytree_and_jit_equals_eager(x64):
     dyn = npt("triclinic", temperature=10.0, pressure=units.gpa_to_stress(0.2))
     state = start(dyn, batch)
     stepped, _ = _chunk(dyn, state, batch, 20)   # the barostat and chains are moving now
-    assert jax.tree.structure(state) == jax.tree.structure(stepped)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(stepped)):
-        assert a.shape == b.shape and a.dtype == b.dtype
+    # dyn.init itself (traced, not compiled: start() shares one compiled init between tests)
+    initial = jax.eval_shape(lambda b, k: dyn.init(b, k, neighbor_spec=neighbor_spec()),
+                             batch, jax.random.key(0))
+    assert jax.tree.structure(initial) == jax.tree.structure(state) == jax.tree.structure(stepped)
+    for a, b, c in zip(jax.tree.leaves(initial), jax.tree.leaves(state), jax.tree.leaves(stepped)):
+        assert a.shape == b.shape == c.shape and a.dtype == b.dtype == c.dtype
     assert not np.allclose(np.asarray(stepped.cell), np.asarray(state.cell))
     assert np.any(np.asarray(stepped.stage.system["strain_rate"])[:, 0, 1] != 0)   # shear is live
     jitted = _updates(dyn, stepped, batch)

@@ -18,9 +18,11 @@ def kinetic_energy(velocities: jax.Array, batch: Batch) -> jax.Array:
 
 def degrees_of_freedom(batch: Batch, remove_com: bool = True) -> jax.Array:
     """``(S,)`` kinetic degrees of freedom: 3 per free atom, less 3 when the centre-of-mass
-    momentum is conserved and removed (NVE, Nosé–Hoover); at least 1 for filled slots."""
+    momentum is conserved and removed (NVE, Nosé–Hoover, and no fixed atoms); at least 1."""
     free = sum_systems((batch.atom_mask & ~batch.fixed).astype(jnp.int32), batch)
-    dof = 3 * free - (3 if remove_com else 0) * (free > 1)
+    # Fixed atoms break momentum conservation: then no centre-of-mass term to remove.
+    any_fixed = sum_systems((batch.atom_mask & batch.fixed).astype(jnp.int32), batch) > 0
+    dof = 3 * free - (3 if remove_com else 0) * ((free > 1) & ~any_fixed)
     return jnp.where(batch.system_mask, jnp.maximum(dof, 1), 1)
 
 
