@@ -1,0 +1,68 @@
+"""Hook overhead (W4): NVE throughput with logging + snapshot hooks every 100 steps vs none.
+
+B periodic FCC argon crystals of 256 atoms (as in bench_md.py). Prints JSON lines with
+atom-steps/s for both runs and the relative overhead.
+
+    python benchmarks/bench_hooks.py --batches 1024 --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import numpy as np
+
+from nvalchemi_jax.dynamics import NVE
+from nvalchemi_jax.dynamics.hooks import LoggingHook, SnapshotHook
+from nvalchemi_jax.dynamics.sinks import HostMemory
+from nvalchemi_jax.models import LennardJones
+
+from bench_md import crystals
+
+
+def throughput(md, batch, steps, chunk):
+    state = jax.block_until_ready(md.init(batch))
+    warm = md.run(batch, state=state, max_steps=chunk, chunk_size=chunk)   # compile
+    t0 = time.perf_counter()
+    result = md.run(batch, state=warm.state, max_steps=steps, chunk_size=chunk)
+    jax.block_until_ready(result.state)
+    seconds = time.perf_counter() - t0
+    atoms = int(np.asarray(batch.n_atoms).sum())
+    return atoms * (result.steps - warm.steps) / seconds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[16])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--chunk", type=int, default=100)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
+    lines = []
+    for b in args.batches:
+        batch = crystals(b, (4, 4, 4))
+        plain = NVE(model, dt=5.0, n_steps=10**9)
+        hooked = NVE(model, dt=5.0, n_steps=10**9,
+                     hooks=[LoggingHook(frequency=100, output=lambda rows: None),
+                            SnapshotHook(sink=HostMemory(), frequency=100)])
+        base = throughput(plain, batch, args.steps, args.chunk)
+        with_hooks = throughput(hooked, batch, args.steps, args.chunk)
+        lines.append(json.dumps({
+            "date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
+            "jax": jax.__version__, "benchmark": "hook_overhead", "case": f"B={b} x 256 atoms",
+            "hooks": "LoggingHook + SnapshotHook, frequency 100", "steps": args.steps,
+            "atom_steps_per_s_no_hooks": base, "atom_steps_per_s_hooks": with_hooks,
+            "overhead": 1.0 - with_hooks / base}))
+    print("\n".join(lines), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
