@@ -31,7 +31,7 @@ from nvalchemi_jax import neighbors
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import StageState
-from nvalchemi_jax.dynamics.run import _Progress, run_chunk
+from nvalchemi_jax.dynamics.run import _observers, _Progress, hand_over, run_chunk
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 
@@ -200,7 +200,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             if max_steps is not None and taken >= max_steps:
                 break
             limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - taken)
-            new, (_, _, _, went) = run_chunk(dyn, state, batch, limit, length=refill_frequency)
+            new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=refill_frequency)
             chunks += 1
             if bool(new.neighbors.overflow):
                 spec = neighbors.grow(new.neighbors)
@@ -208,6 +208,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 regrows += 1
                 continue
             state = new
+            hand_over(_observers(dyn), buffers)
             taken += int(np.asarray(went).sum())
             mask = np.asarray(batch.system_mask)
             occupancy.append(mask.mean())

@@ -21,10 +21,20 @@ def _observers(dyn):
 @partial(jax.jit, static_argnames=("length",))
 def run_chunk(dyn, state, batch, limit, length: int):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
-    system are skipped), plus the observers' records of every step."""
+    system are skipped). Each observer hook's records are written, on due steps only, into
+    a device buffer with one row per due step (``ceil(length / frequency) + 1`` rows), so
+    the host later fetches just those rows."""
     observers = _observers(dyn)
 
-    def body(state, i):
+    def empty_buffer(hook):
+        rows = min(length, -(-length // hook.frequency) + 1)
+        ctx = HookContext(step=state.global_step, active=batch.system_mask, converged=batch.system_mask)
+        shape = jax.eval_shape(lambda s: hook.record(s, batch, ctx), state)
+        return (jax.tree.map(lambda x: jnp.zeros((rows,) + x.shape, x.dtype), shape),
+                jnp.zeros(rows, jnp.int32), jnp.zeros((), jnp.int32))
+
+    def body(carry, i):
+        state, buffers = carry
         active = dyn.running(state, batch)
         go = (i < limit) & jnp.any(active)
         before, old_status = state.global_step, state.status
@@ -32,17 +42,28 @@ def run_chunk(dyn, state, batch, limit, length: int):
         # Systems that left a stage in this step (converged), as ON_CONVERGE hooks see them.
         converged = active & (state.status != old_status) & (state.status != status_codes.FAILED)
         ctx = HookContext(step=before, active=active, converged=converged)
-        records, due = [], []
-        for hook in observers:
-            is_due = go & hook.due(before)
-            shape = jax.eval_shape(lambda s: hook.record(s, batch, ctx), state)
-            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape)
-            records.append(jax.lax.cond(is_due, lambda s: hook.record(s, batch, ctx),
-                                        lambda s: zeros, state))
-            due.append(is_due)
-        return state, (tuple(records), tuple(due), before, go)
+        new_buffers = []
+        for hook, (rows, steps, count) in zip(observers, buffers):
+            def write(args, hook=hook):
+                rows, steps, count = args
+                record = hook.record(state, batch, ctx)
+                rows = jax.tree.map(lambda buf, r: buf.at[count].set(r), rows, record)
+                return rows, steps.at[count].set(before), count + 1
+            new_buffers.append(jax.lax.cond(go & hook.due(before), write, lambda a: a, (rows, steps, count)))
+        return (state, tuple(new_buffers)), go
 
-    return jax.lax.scan(body, state, jnp.arange(length, dtype=jnp.int32))
+    buffers = tuple(empty_buffer(h) for h in observers)
+    (state, buffers), went = jax.lax.scan(body, (state, buffers), jnp.arange(length, dtype=jnp.int32))
+    return state, (buffers, went)
+
+
+def hand_over(observers, buffers) -> None:
+    """Give each observer the rows it recorded in the last chunk (only those cross to the host)."""
+    for hook, (rows, steps, count) in zip(observers, buffers):
+        n = int(count)
+        if n:
+            records = jax.tree.map(lambda x: np.asarray(x[:n]), rows)
+            hook.on_host(records, np.ones(n, bool), np.asarray(steps[:n]))
 
 
 def _any_active(dyn, state, batch) -> bool:
@@ -66,7 +87,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     try:
         while taken < max_steps and _any_active(dyn, state, batch):
             limit = min(chunk_size, max_steps - taken)
-            new, (records, due, steps, went) = run_chunk(dyn, state, batch, limit, length=chunk_size)
+            new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=chunk_size)
             chunks += 1
             if bool(new.neighbors.overflow):
                 # Grow the neighbor capacity, rebuild from the chunk's start, redo the chunk.
@@ -77,8 +98,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             state = new
             went = np.asarray(went)
             taken += int(went.sum())
-            for hook, rec, d in zip(_observers(dyn), records, due):
-                hook.on_host(jax.tree.map(np.asarray, rec), np.asarray(d), np.asarray(steps))
+            hand_over(_observers(dyn), buffers)
             if bar is not None:
                 bar.update(taken, state, dyn)
             if not went.any():

@@ -51,10 +51,11 @@ class Hook:
 
     record / on_host: for observers that need the host (logging, snapshots):
     ``record(state, batch, ctx) -> pytree`` is evaluated on device at the end
-    of each due step and stacked into the chunk's output; between chunks the
-    run loop calls ``on_host(records, due, steps)`` with the stacked records
-    (numpy), a ``(chunk,) bool`` mask of the steps where the hook was due, and
-    the step indices. No device→host transfer happens inside a chunk.
+    of each due step and written into a device buffer (one row per due step);
+    between chunks the run loop calls ``on_host(records, due, steps)`` with the
+    rows recorded in that chunk (numpy, leading axis = due steps), a ``due``
+    mask (all True) and the step indices. No device→host transfer happens
+    inside a chunk, and only recorded rows cross afterwards.
 
     Hooks run in registration order.
 
