@@ -31,7 +31,7 @@ from nvalchemi_jax import neighbors
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import StageState
-from nvalchemi_jax.dynamics.run import _observers, _Progress, hand_over, run_chunk
+from nvalchemi_jax.dynamics.run import _observers, _Progress, hand_over, regrown, run_chunk
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 
@@ -180,9 +180,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 state, batch = refill(dyn, state, batch, jnp.asarray(freed), incoming)
                 refills += 1
                 if bool(state.neighbors.overflow):
-                    spec = neighbors.grow(state.neighbors)
-                    state = state.replace(neighbors=neighbors.build(spec, state.positions, state.cell, batch))
-                    state = _recompute(dyn, state, batch)
+                    state = _recompute(dyn, regrown(state, state, batch), batch)
                     regrows += 1
             if bar is not None:
                 bar.update_samples(written, state, dyn)
@@ -203,8 +201,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=refill_frequency)
             chunks += 1
             if bool(new.neighbors.overflow):
-                spec = neighbors.grow(new.neighbors)
-                state = state.replace(neighbors=neighbors.build(spec, state.positions, state.cell, batch))
+                state = regrown(state, new, batch)
                 regrows += 1
                 continue
             state = new

@@ -57,6 +57,13 @@ def run_chunk(dyn, state, batch, limit, length: int):
     return state, (buffers, went)
 
 
+def regrown(start, overflowed, batch):
+    """``start`` with a neighbor list large enough for what ``overflowed`` needed, rebuilt at
+    the chunk's start (a new shape: one recompilation), so the chunk can be redone."""
+    spec = neighbors.grow(overflowed.neighbors)
+    return start.replace(neighbors=neighbors._build_jit(spec, start.positions, start.cell, batch))
+
+
 def hand_over(observers, buffers) -> None:
     """Give each observer the rows it recorded in the last chunk (only those cross to the host)."""
     for hook, (rows, steps, count) in zip(observers, buffers):
@@ -90,9 +97,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=chunk_size)
             chunks += 1
             if bool(new.neighbors.overflow):
-                # Grow the neighbor capacity, rebuild from the chunk's start, redo the chunk.
-                spec = neighbors.grow(new.neighbors)
-                state = state.replace(neighbors=neighbors.build(spec, state.positions, state.cell, batch))
+                state = regrown(state, new, batch)
                 regrows += 1
                 continue
             state = new
