@@ -163,3 +163,34 @@ def test_fused_equals_sequential(x64):
         n = int(atoms.sum())
         np.testing.assert_allclose(np.asarray(together.state.positions)[atoms],
                                    np.asarray(final.positions)[:n], atol=1e-9)
+
+
+def test_sub_stage_hooks_touch_only_their_systems():
+    """A hook on stage 0 zeroing forces makes its systems fly freely; systems already in
+    stage 1 are untouched by it; ON_CONVERGE of stage 0 sees the systems leaving it."""
+    batch = argon_batch(repeats=[(2, 2, 2)] * 2, temperature=40.0, sample_ids=[0, 1])
+    free_flight = Hook(lambda s, b, ctx: s.replace(forces=jnp.zeros_like(s.forces)), stages=(Stage.AFTER_COMPUTE,))
+    left = []
+    on_leave = Hook(lambda s, b, ctx: (jax.debug.callback(lambda c: left.append(np.asarray(c).tolist()),
+                                                          ctx.converged, ordered=True), s)[1],
+                    stages=(Stage.ON_CONVERGE,))
+    # Sample 0 leaves stage 0 after 1 step, sample 1 after 3 steps.
+    leave = Criterion("custom", 0.0, custom=lambda s, b: (1 + 2 * b.sample_id - s.step).astype(s.energy.dtype))
+    first = NVE(LJ, dt=2.0, convergence=ConvergenceHook((leave,)), hooks=[free_flight, on_leave])
+    second = NVE(LJ, dt=2.0, n_steps=50)
+    fused = first + second
+    state = fused.init(batch)
+    start = state
+    for _ in range(3):
+        state = jax.jit(fused.step)(state, batch)
+    jax.effects_barrier()
+    one = np.asarray(batch.system_index) == 1
+    # Sample 1 spent all three steps in stage 0: free flight (the initial forces were zeroed
+    # only after the first compute, so the first half kick used real forces).
+    v_after_first_kick = np.asarray(start.velocities + 0.5 * 2.0 * start.forces / 39.948
+                                    * nj.units.FORCE_TO_ACCELERATION)
+    np.testing.assert_allclose(np.asarray(state.velocities)[one], v_after_first_kick[one], atol=1e-6)
+    zero = np.asarray(batch.system_index) == 0
+    assert not np.allclose(np.asarray(state.velocities)[zero], v_after_first_kick[zero], atol=1e-6)
+    assert left[0][:2] == [True, False] and left[-1][:2] == [False, True]
+    assert np.asarray(state.status)[:2].tolist() == [1, 1]
