@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop compiled programs after each test file: a long session otherwise accumulates
+    thousands of executables (and once crashed XLA's CPU compiler in CI)."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Run the test with JAX's float64 mode on (restored afterwards)."""
