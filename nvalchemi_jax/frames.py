@@ -105,16 +105,42 @@ class Frames:
         fields.update({f: getattr(self, f)[index] for f in FRAME_FIELDS})
         return Frames(**fields, offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
-    def to_batch(self, capacity=None, min_distance=None):
-        """A :class:`~nvalchemi_jax.Batch` of these frames (their final positions, velocities, cell)."""
-        from nvalchemi_jax.batch import Batch
+    def to_batch(self, capacity=None):
+        """A :class:`~nvalchemi_jax.Batch` of these frames (their final positions, velocities,
+        cell), built with array operations only (no loop over frames). Frames came out of a
+        validated run, so only the capacity and unique sample ids are checked."""
+        import jax.numpy as jnp
 
-        split = lambda x: np.split(x, self.offsets[1:-1])
-        return Batch.from_arrays(
-            positions=split(self.positions), atomic_numbers=split(self.atomic_numbers), cell=list(self.cell),
-            pbc=list(self.pbc), velocities=split(self.velocities), masses=split(self.masses),
-            fixed=split(self.fixed), tags=split(self.tags), charges=split(self.charges),
-            sample_ids=self.sample_id.tolist(), capacity=capacity, min_distance=min_distance)
+        from nvalchemi_jax.batch import Batch, default_float_dtype
+        from nvalchemi_jax.capacity import Capacity
+
+        n_frames, n_atoms = len(self), int(self.offsets[-1])
+        capacity = capacity or Capacity.for_systems(self.n_atoms.tolist())
+        if n_frames > capacity.num_systems or n_atoms > capacity.num_atoms:
+            raise ValueError(f"{n_frames} frames of {n_atoms} atoms do not fit {capacity}")
+        if len(np.unique(self.sample_id)) != n_frames:
+            raise ValueError("Frames.to_batch: sample ids repeat (e.g. several snapshots of one "
+                             "sample); select one frame per sample first")
+        fdt = default_float_dtype()
+        pad_atoms = lambda x, fill, dt: np.concatenate(
+            [np.asarray(x, dt), np.full((capacity.num_atoms - n_atoms,) + x.shape[1:], fill, dt)])
+        pad_frames = lambda x, fill, dt: np.concatenate(
+            [np.asarray(x, dt), np.full((capacity.num_systems - n_frames,) + x.shape[1:], fill, dt)])
+        system_index = np.repeat(np.arange(n_frames, dtype=np.int32), self.n_atoms)
+        return Batch(
+            positions=jnp.asarray(pad_atoms(self.positions, 0, fdt)),
+            velocities=jnp.asarray(pad_atoms(self.velocities, 0, fdt)),
+            atomic_numbers=jnp.asarray(pad_atoms(self.atomic_numbers, 0, np.int32)),
+            masses=jnp.asarray(pad_atoms(self.masses, 1, fdt)),
+            system_index=jnp.asarray(pad_atoms(system_index, capacity.num_systems, np.int32)),
+            atom_mask=jnp.asarray(pad_atoms(np.ones(n_atoms, bool), False, bool)),
+            fixed=jnp.asarray(pad_atoms(self.fixed, False, bool)),
+            tags=jnp.asarray(pad_atoms(self.tags, 0, np.int32)),
+            charges=jnp.asarray(pad_atoms(self.charges, 0, fdt)),
+            cell=jnp.asarray(pad_frames(self.cell, 0, fdt)), pbc=jnp.asarray(pad_frames(self.pbc, False, bool)),
+            n_atoms=jnp.asarray(pad_frames(self.n_atoms, 0, np.int32)),
+            system_mask=jnp.asarray(pad_frames(np.ones(n_frames, bool), False, bool)),
+            sample_id=jnp.asarray(pad_frames(self.sample_id, -1, np.int32)), capacity=capacity)
 
     def to_atoms(self) -> list:
         """ASE ``Atoms`` per frame with energy, forces and stress attached; ``info`` holds

@@ -194,3 +194,15 @@ def test_sub_stage_hooks_touch_only_their_systems():
     assert not np.allclose(np.asarray(state.velocities)[zero], v_after_first_kick[zero], atol=1e-6)
     assert left[0][:2] == [True, False] and left[-1][:2] == [False, True]
     assert np.asarray(state.status)[:2].tolist() == [1, 1]
+
+
+def test_frames_to_batch_round_trip():
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3)], temperature=20.0, sample_ids=[4, 9])
+    state = NVE(LJ, dt=2.0).init(batch)
+    frames = Frames.from_state(state, batch, np.asarray(batch.system_mask))
+    again = frames.to_batch(capacity=batch.capacity)
+    for f in ("positions", "velocities", "atomic_numbers", "masses", "system_index", "atom_mask", "cell",
+              "pbc", "n_atoms", "system_mask", "sample_id"):
+        np.testing.assert_array_equal(np.asarray(getattr(again, f)), np.asarray(getattr(batch, f)))
+    with pytest.raises(ValueError, match="sample ids repeat"):
+        Frames.concatenate([frames, frames]).to_batch()
