@@ -1,3 +1,3 @@
 from nvalchemi_jax.cli import main
 
-main()
+raise SystemExit(main())

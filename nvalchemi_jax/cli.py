@@ -137,15 +137,18 @@ def evaluate(args) -> dict:
     return summary
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Entry point; returns the process exit status (0)."""
     args = _parser().parse_args(argv)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     if args.command == "evaluate":
-        return evaluate(args)
-    config = workflow.load(args.config, _overrides(args))
-    return run_workflow(config, scale=args.scale, progress=not args.no_progress)
+        evaluate(args)
+    else:
+        config = workflow.load(args.config, _overrides(args))
+        run_workflow(config, scale=args.scale, progress=not args.no_progress)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -43,3 +43,17 @@ def test_fcc_helpers():
     cluster = fcc_cluster(13, lattice=4.0)        # the 12 nearest neighbours around a site
     d = np.linalg.norm(cluster - cluster[0], axis=1)
     np.testing.assert_allclose(np.sort(d)[1:], 4.0 / np.sqrt(2), rtol=1e-12)
+
+
+def test_console_script_exit_status_and_workflow(tmp_path):
+    """The installed command's exit status is 0 and a tiny workflow writes every system."""
+    import zarr
+
+    config = tmp_path / "w.toml"
+    config.write_text('[data]\nsystems = 3\nmax_atoms = 64\n[run]\nmax_systems = 3\nmax_atoms = 256\n'
+                      '[[stages]]\nkind = "fire"\nfmax = 0.1\n[[stages]]\nkind = "nve"\nsteps = 5\n')
+    out = tmp_path / "out.zarr"
+    result = subprocess.run([sys.executable, "-m", "nvalchemi_jax", "--config", str(config), "--output", str(out),
+                             "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(zarr.open_group(str(out), mode="r")["sample_id"][:].tolist()) == [0, 1, 2]
