@@ -11,9 +11,6 @@ Prints one JSON object per line (and writes them to --out if given).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import time
 
@@ -21,6 +18,7 @@ import jax
 import numpy as np
 
 import nvalchemi_jax as nj
+from _report import emit
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.datasets import fcc_crystal
 from nvalchemi_jax.models import LennardJones, compute
@@ -82,11 +80,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    header = {
-        "date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
-        "platform": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
-        "precision": "float64" if args.x64 else "float32",
-    }
     rows = []
     for b in args.batches:
         rows.append(run_case(f"B={b} x 256 atoms", crystals(b, (4, 4, 4)), "auto", args.repeats))
@@ -94,11 +87,7 @@ def main(argv=None):
         side = round((n / 4) ** (1 / 3))
         rows.append(run_case(f"1 x {4 * side**3} atoms", crystals(1, (side, side, side)),
                              "cell_list", args.repeats))
-    lines = [json.dumps({**header, **row}) for row in rows]
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    emit(rows, args.out)
 
 
 if __name__ == "__main__":

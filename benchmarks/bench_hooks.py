@@ -9,8 +9,6 @@ atom-steps/s for both runs and the relative overhead.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import time
 
 import jax
@@ -21,6 +19,7 @@ from nvalchemi_jax.dynamics.hooks import LoggingHook, SnapshotHook
 from nvalchemi_jax.dynamics.sinks import HostMemory
 from nvalchemi_jax.models import LennardJones
 
+from _report import emit
 from bench_md import crystals
 
 
@@ -43,7 +42,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
-    lines = []
+    rows = []
     for b in args.batches:
         batch = crystals(b, (4, 4, 4))
         plain = NVE(model, dt=5.0, n_steps=10**9)
@@ -52,16 +51,11 @@ def main(argv=None):
                             SnapshotHook(sink=HostMemory(), frequency=100)])
         base = throughput(plain, batch, args.steps, args.chunk)
         with_hooks = throughput(hooked, batch, args.steps, args.chunk)
-        lines.append(json.dumps({
-            "date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__, "benchmark": "hook_overhead", "case": f"B={b} x 256 atoms",
-            "hooks": "LoggingHook + SnapshotHook, frequency 100", "steps": args.steps,
-            "atom_steps_per_s_no_hooks": base, "atom_steps_per_s_hooks": with_hooks,
-            "overhead": 1.0 - with_hooks / base}))
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        rows.append({"benchmark": "hook_overhead", "case": f"B={b} x 256 atoms",
+                     "hooks": "LoggingHook + SnapshotHook, frequency 100", "steps": args.steps,
+                     "atom_steps_per_s_no_hooks": base, "atom_steps_per_s_hooks": with_hooks,
+                     "overhead": 1.0 - with_hooks / base})
+    emit(rows, args.out)
 
 
 if __name__ == "__main__":

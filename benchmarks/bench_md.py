@@ -11,15 +11,13 @@ JSON lines (``--out`` also writes them). The baseline for the performance work.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import time
 
 import jax
 import numpy as np
 
 import nvalchemi_jax as nj
+from _report import emit
 from nvalchemi_jax.datasets import fcc_crystal
 from nvalchemi_jax.dynamics import NVE, maxwell_boltzmann
 from nvalchemi_jax.models import LennardJones
@@ -68,19 +66,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    header = {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
-              "platform": jax.default_backend(), "jax": jax.__version__,
-              "python": platform.python_version(), "precision": "float64" if args.x64 else "float32"}
     rows = [run_case(f"B={b} x 256 atoms", crystals(b, (4, 4, 4)), args.steps, args.chunk)
             for b in args.batches]
     for n in args.big:
         side = round((n / 4) ** (1 / 3))
         rows.append(run_case(f"1 x {4 * side**3} atoms", crystals(1, (side,) * 3), args.steps, args.chunk))
-    lines = [json.dumps({**header, **r}) for r in rows]
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    emit(rows, args.out)
 
 
 if __name__ == "__main__":

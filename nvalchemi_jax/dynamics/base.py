@@ -69,35 +69,39 @@ class State:
     global_step: jax.Array
 
 
+def _pick(sel: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
+
+
+def blend_stage(mask: jax.Array, new, old, batch: Batch):
+    """Stage variables (one :class:`StageState` or a tuple of them) from ``new`` for systems
+    where ``mask (S,)`` holds, from ``old`` elsewhere (per-atom leaves follow their system)."""
+    atom = gather_systems(mask, batch.system_index, False)
+
+    def one(a, b):
+        return StageState(system=jax.tree.map(lambda x, y: _pick(mask, x, y), a.system, b.system),
+                          atom=jax.tree.map(lambda x, y: _pick(atom, x, y), a.atom, b.atom))
+
+    return jax.tree.map(one, new, old, is_leaf=lambda x: isinstance(x, StageState))
+
+
 def blend_systems(mask: jax.Array, new: State, old: State, batch: Batch) -> State:
     """Take ``new`` for systems where ``mask (S,)`` holds, ``old`` elsewhere (neighbor list,
     key and global step come from ``new``). Fixed atoms keep ``old`` positions and velocities."""
     atom = gather_systems(mask, batch.system_index, False)
     moving = atom & ~batch.fixed
-
-    def pick(sel, a, b):
-        return jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
-
-    def pick_one(a, b):
-        return StageState(system=jax.tree.map(lambda x, y: pick(mask, x, y), a.system, b.system),
-                          atom=jax.tree.map(lambda x, y: pick(atom, x, y), a.atom, b.atom))
-
-    def pick_stage(a, b):   # one StageState, or a tuple of them (fused stages)
-        is_stage = lambda x: isinstance(x, StageState)
-        return jax.tree.map(pick_one, a, b, is_leaf=is_stage)
-
     return new.replace(
-        positions=pick(moving, new.positions, old.positions),
-        velocities=pick(moving, new.velocities, old.velocities),
-        forces=pick(atom, new.forces, old.forces),
-        energy=pick(mask, new.energy, old.energy),
-        stress=pick(mask, new.stress, old.stress),
-        cell=pick(mask, new.cell, old.cell),
-        status=pick(mask, new.status, old.status),
-        failure=pick(mask, new.failure, old.failure),
-        step=pick(mask, new.step, old.step),
-        previous_energy=pick(mask, new.previous_energy, old.previous_energy),
-        stage=pick_stage(new.stage, old.stage),
+        positions=_pick(moving, new.positions, old.positions),
+        velocities=_pick(moving, new.velocities, old.velocities),
+        forces=_pick(atom, new.forces, old.forces),
+        energy=_pick(mask, new.energy, old.energy),
+        stress=_pick(mask, new.stress, old.stress),
+        cell=_pick(mask, new.cell, old.cell),
+        status=_pick(mask, new.status, old.status),
+        failure=_pick(mask, new.failure, old.failure),
+        step=_pick(mask, new.step, old.step),
+        previous_energy=_pick(mask, new.previous_energy, old.previous_energy),
+        stage=blend_stage(mask, new.stage, old.stage, batch),
     )
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from nvalchemi_jax.batch import gather_systems
-from nvalchemi_jax.dynamics.base import Dynamics, State, StageState, blend_systems
+from nvalchemi_jax.dynamics.base import Dynamics, State, blend_stage, blend_systems
 from nvalchemi_jax.dynamics.hooks.base import HookContext, Stage, run_hooks
 from nvalchemi_jax.dynamics.thermo import maxwell_boltzmann
 
@@ -134,12 +134,8 @@ class FusedStage(Dynamics):
         sub = self.stages[j]
         fresh = sub.init_stage(_with_stage(state, j), batch)
         atom = gather_systems(entering, batch.system_index, False)
-        pick = lambda sel: (lambda x, y: jnp.where(sel.reshape(sel.shape + (1,) * (x.ndim - sel.ndim)), x, y))
-        old = state.stage[j]
-        merged = StageState(system=jax.tree.map(pick(entering), fresh.system, old.system),
-                            atom=jax.tree.map(pick(atom), fresh.atom, old.atom))
         stages = list(state.stage)
-        stages[j] = merged
+        stages[j] = blend_stage(entering, fresh, state.stage[j], batch)
         state = state.replace(stage=tuple(stages), step=jnp.where(entering, 0, state.step),
                               previous_energy=jnp.where(entering, jnp.inf, state.previous_energy))
         if self.thermalize:

@@ -30,7 +30,7 @@ import numpy as np
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
-from nvalchemi_jax.dynamics.base import StageState
+from nvalchemi_jax.dynamics.base import blend_stage
 from nvalchemi_jax.dynamics.run import _observers, _Progress, hand_over, regrown, run_chunk
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
@@ -55,14 +55,6 @@ class InflightResult:
     regrows: int
     occupancy: float
     padding_efficiency: float
-
-
-def _stage_tree_pick(fresh, old, system_sel, atom_sel):
-    def one(a, b):
-        pick = lambda sel: (lambda x, y: jnp.where(sel.reshape(sel.shape + (1,) * (x.ndim - sel.ndim)), x, y))
-        return StageState(system=jax.tree.map(pick(system_sel), a.system, b.system),
-                          atom=jax.tree.map(pick(atom_sel), a.atom, b.atom))
-    return jax.tree.map(one, fresh, old, is_leaf=lambda x: isinstance(x, StageState))
 
 
 @jax.jit
@@ -106,7 +98,7 @@ def refill(dyn, state, batch, freed, incoming):
         status=code.astype(jnp.int32), failure=jnp.where(new | freed, 0, state.failure),
         step=jnp.where(new | freed, 0, state.step),
         previous_energy=jnp.where(new, jnp.inf, state.previous_energy), neighbors=nl)
-    state = state.replace(stage=_stage_tree_pick(dyn.init_stage(state, batch), state.stage, new, new_atom))
+    state = state.replace(stage=blend_stage(new, dyn.init_stage(state, batch), state.stage, batch))
     state = dyn.compute(state, batch)
     state = state.replace(previous_energy=jnp.where(new, jnp.inf, state.previous_energy))
     return dyn._mark_failures(state, state, batch, new), batch
