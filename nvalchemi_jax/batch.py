@@ -21,6 +21,7 @@ from flax import struct
 from nvalchemi_jax import _validation
 from nvalchemi_jax._elements import STANDARD_ATOMIC_MASSES
 from nvalchemi_jax.capacity import Capacity
+from nvalchemi_jax import segments
 
 
 def default_float_dtype() -> np.dtype:
@@ -314,4 +315,4 @@ def gather_systems(values: jax.Array, system_index: jax.Array, fill: Any = 0) ->
 
 def sum_systems(values: jax.Array, batch: Batch) -> jax.Array:
     """Per-atom ``values (N, ...)`` summed per system ``(S, ...)``; padding atoms are dropped."""
-    return jax.ops.segment_sum(values, batch.system_index, num_segments=batch.num_systems)
+    return segments.segment_sum(values, batch.system_index, batch.num_systems)

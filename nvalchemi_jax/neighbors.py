@@ -2,8 +2,9 @@
 
 A :class:`NeighborList` is a dense ``(N, K)`` table: row ``i`` holds the atoms
 within ``cutoff + skin`` of atom ``i`` (all of them, both directions, a "full"
-list), padded with the index ``N``; ``shifts (N, K, 3)`` holds the integer
-lattice translation of each neighbor, so the pair vector is::
+list), padded with the index ``N``; ``shifts (N, K, 3) int8`` holds the integer
+lattice translation of each neighbor (one byte each: the list is read every
+step, and its bytes are most of what a pair potential reads), so the pair vector is::
 
     d_ij = positions[j] - positions[i] + shifts_ij @ cell[system of i]
 
@@ -32,9 +33,9 @@ atom, atoms per system or per bin, image shifts) and :attr:`NeighborList.overflo
 turns true when any of those exceeded the static :class:`NeighborSpec`;
 :func:`grow` makes a larger spec on the host.
 
-A Verlet skin lets :func:`update` keep a list until some atom of a system has
-moved far enough (or its cell changed enough) that a pair could have crossed
-``cutoff``; only those systems get new rows.
+A Verlet skin lets :func:`update` keep a list until some atom has moved far
+enough (or its cell changed enough) that a pair could have crossed ``cutoff``;
+then every system gets new rows (a build costs the same for one system as for all).
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from nvalchemi_jax._linalg import vecmat
+from nvalchemi_jax._linalg import inv3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
+from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
+MAX_SHIFT = 127   # shifts are stored as int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,8 @@ class NeighborList:
     """Dense neighbor table plus what the Verlet test and overflow checks need.
 
     indices: ``(N, K) int32``, padding = ``N``.
-    shifts: ``(N, K, 3) int32`` lattice translations.
+    shifts: ``(N, K, 3) int8`` lattice translations (|n| <= 127; beyond that the list
+        overflows: wrap the positions, e.g. with the ``WrapPeriodic`` hook).
     reference_positions: ``(N, 3)`` positions at the last rebuild of each system.
     reference_cell: ``(S, 3, 3)`` cells at the last rebuild.
     max_shift: ``(S, 3) int32`` largest ``|shift|`` per axis in each system's rows.
@@ -138,7 +142,12 @@ class NeighborList:
     @property
     def overflow(self) -> jax.Array:
         """Scalar bool: some need exceeded the spec; the list may be missing pairs."""
-        return jnp.any(self.needed > self.capacities)
+        return jnp.any(self.needed > self.capacities) | self.shift_overflow
+
+    @property
+    def shift_overflow(self) -> jax.Array:
+        """Scalar bool: some lattice shift does not fit in int8 (atoms unwrapped too far)."""
+        return jnp.any(self.max_shift > MAX_SHIFT)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -177,22 +186,31 @@ def binning_frame(cell: jax.Array, pbc: jax.Array) -> jax.Array:
 
 def _frame_and_widths(cell, pbc):
     frame = binning_frame(cell, pbc)
-    inverse = jnp.linalg.inv(frame)
+    inverse = inv3(frame)
     # Perpendicular width of the frame along each axis: 1 / |reciprocal vector|.
     widths = 1.0 / jnp.linalg.norm(inverse, axis=-2)
     return frame, inverse, widths
 
 
 def _append(carry, j, n, ok):
-    """Append candidates ``j (N, B)`` with shifts ``n (N, B, 3)`` where ``ok`` to the rows."""
-    indices, shifts, count = carry
+    """Append candidates ``j (N, B)`` with shifts ``n (N, B, 3)`` where ``ok`` to the rows
+    (shifts stored as int8; ``reach (N, 3)`` keeps each row's largest |shift| per axis, so
+    a shift too large for int8 is detected rather than wrapped)."""
+    indices, shifts, count, reach = carry
     k = indices.shape[1]
     slot = count[:, None] + jnp.cumsum(ok, axis=1, dtype=jnp.int32) - 1
     slot = jnp.where(ok & (slot < k), slot, k)
     rows = jnp.arange(indices.shape[0])[:, None]
     indices = indices.at[rows, slot].set(j, mode="drop")
-    shifts = shifts.at[rows, slot].set(n, mode="drop")
-    return indices, shifts, count + jnp.sum(ok, axis=1, dtype=jnp.int32)
+    shifts = shifts.at[rows, slot].set(jnp.clip(n, -MAX_SHIFT, MAX_SHIFT).astype(jnp.int8), mode="drop")
+    reach = jnp.maximum(reach, jnp.max(jnp.where(ok[..., None], jnp.abs(n), 0), axis=1))
+    return indices, shifts, count + jnp.sum(ok, axis=1, dtype=jnp.int32), reach
+
+
+def _empty_rows(spec, n_atoms):
+    return (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
+            jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int8),
+            jnp.zeros(n_atoms, jnp.int32), jnp.zeros((n_atoms, 3), jnp.int32))
 
 
 def _pair_ok(positions, frame_i, i, j, n, valid, rc2):
@@ -251,12 +269,10 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
         ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
         return _append(carry, j, n, ok), None
 
-    carry = (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
-             jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int32),
-             jnp.zeros(n_atoms, jnp.int32))
-    (indices, shifts, total), _ = jax.lax.scan(body, carry, jnp.arange(n_blocks, dtype=jnp.int32))
+    (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
+                                                      jnp.arange(n_blocks, dtype=jnp.int32))
     needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
-    return indices, shifts, needed
+    return indices, shifts, needed, reach
 
 
 def _build_cell_list(spec, positions, batch, frame, inverse, widths):
@@ -272,8 +288,8 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     wrapped = frac - floor
     # Open axes: bins start at the system's lowest coordinate.
     big = jnp.asarray(jnp.finfo(positions.dtype).max, positions.dtype)
-    low = jax.ops.segment_min(jnp.where(batch.atom_mask[:, None], frac, big), sys_i, n_sys)
-    high = jax.ops.segment_max(jnp.where(batch.atom_mask[:, None], frac, -big), sys_i, n_sys)
+    low = segments.segment_min(jnp.where(batch.atom_mask[:, None], frac, big), sys_i, n_sys)
+    high = segments.segment_max(jnp.where(batch.atom_mask[:, None], frac, -big), sys_i, n_sys)
     extent = jnp.where(batch.system_mask[:, None], high - low, 0.0)
     # Per-axis bin cap keeps the global int32 bin key below 2**31.
     cap = max(1, int(((2**31 - 1) // (n_sys + 1)) ** (1.0 / 3.0)))
@@ -322,12 +338,10 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
         ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
         return (_append(state, j, n, ok), jnp.maximum(most, jnp.max(occupancy))), None
 
-    init = ((jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
-             jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int32),
-             jnp.zeros(n_atoms, jnp.int32)), jnp.int32(0))
-    ((indices, shifts, total), most), _ = jax.lax.scan(body, init, jnp.asarray(stencil))
+    init = (_empty_rows(spec, n_atoms), jnp.int32(0))
+    ((indices, shifts, total, reach), most), _ = jax.lax.scan(body, init, jnp.asarray(stencil))
     needed = jnp.stack([jnp.max(total), jnp.int32(0), most, need_r])
-    return indices, shifts, needed
+    return indices, shifts, needed, reach
 
 
 def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
@@ -337,9 +351,9 @@ def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batc
     """
     frame, inverse, widths = _frame_and_widths(cell, batch.pbc)
     builder = _build_all_pairs if spec.method == "all_pairs" else _build_cell_list
-    indices, shifts, needed = builder(spec, positions, batch, frame, inverse, widths)
+    indices, shifts, needed, reach = builder(spec, positions, batch, frame, inverse, widths)
     n_sys = batch.num_systems
-    max_shift = jax.ops.segment_max(jnp.max(jnp.abs(shifts), axis=1), batch.system_index, n_sys)
+    max_shift = segments.segment_max(reach, batch.system_index, n_sys)
     return NeighborList(
         indices=indices, shifts=shifts, reference_positions=positions, reference_cell=cell,
         max_shift=jnp.maximum(max_shift, 0), stale=jnp.zeros(n_sys, bool),
@@ -354,7 +368,7 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     listed shifts and by the images that could come within reach in the new cell.
     """
     moved = jnp.linalg.norm(positions - nl.reference_positions, axis=-1)
-    moved = jax.ops.segment_max(jnp.where(batch.atom_mask, moved, 0.0), batch.system_index,
+    moved = segments.segment_max(jnp.where(batch.atom_mask, moved, 0.0), batch.system_index,
                                 batch.num_systems)
     cell_change = jnp.linalg.norm(cell - nl.reference_cell, axis=-1)
     # Shifts a pair inside the cutoff can have in the new cell: listed ones, and any
@@ -363,8 +377,8 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     frac = vecmat(positions, gather_systems(inverse, batch.system_index))
     big = jnp.asarray(jnp.finfo(positions.dtype).max, positions.dtype)
     mask = batch.atom_mask[:, None]
-    span = (jax.ops.segment_max(jnp.where(mask, frac, -big), batch.system_index, batch.num_systems)
-            - jax.ops.segment_min(jnp.where(mask, frac, big), batch.system_index, batch.num_systems))
+    span = (segments.segment_max(jnp.where(mask, frac, -big), batch.system_index, batch.num_systems)
+            - segments.segment_min(jnp.where(mask, frac, big), batch.system_index, batch.num_systems))
     reach = jnp.where(batch.pbc & batch.system_mask[:, None],
                       jnp.ceil(nl.spec.list_cutoff / widths + jnp.maximum(span, 0.0)), 0.0)
     bound = jnp.maximum(nl.max_shift, reach)
@@ -375,31 +389,26 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     return batch.system_mask & (too_far | nl.stale)
 
 
-def _rebuild_some(nl: NeighborList, positions, cell, batch: Batch, rebuild) -> NeighborList:
+def _rebuild(nl: NeighborList, positions, cell, batch: Batch) -> NeighborList:
     new = build(nl.spec, positions, cell, batch)
-    atom = gather_systems(rebuild, batch.system_index, False)
-    pick = lambda a, b, sel: jnp.where(sel.reshape(sel.shape + (1,) * (a.ndim - sel.ndim)), a, b)
-    return nl.replace(
-        indices=pick(new.indices, nl.indices, atom),
-        shifts=pick(new.shifts, nl.shifts, atom),
-        reference_positions=pick(positions, nl.reference_positions, atom),
-        reference_cell=pick(cell, nl.reference_cell, rebuild),
-        max_shift=pick(new.max_shift, nl.max_shift, rebuild),
-        stale=nl.stale & ~rebuild,
-        rebuilds=nl.rebuilds + rebuild.astype(jnp.int32),
-        needed=jnp.maximum(nl.needed, new.needed),
-    )
+    return new.replace(rebuilds=nl.rebuilds + batch.system_mask.astype(jnp.int32),
+                       needed=jnp.maximum(nl.needed, new.needed))
 
 
-def _keep(nl, positions, cell, batch, rebuild):
+def _keep(nl, positions, cell, batch):
     return nl
 
 
 def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
-    """Rebuild the rows of the systems that need it (jit-able). Skips all work when none does."""
+    """Rebuild the list when some system needs it (jit-able); skips all work when none does.
+
+    All systems are rebuilt together: a build costs the same for one system as for
+    all, so rebuilding only the system that asked would just make the next
+    system's request come sooner (a batch of 1,000 would rebuild at almost every step).
+    """
     rebuild = needs_rebuild(nl, positions, cell, batch)
     # Module-level branches: eager calls reuse the compiled cond instead of retracing.
-    return jax.lax.cond(jnp.any(rebuild), _rebuild_some, _keep, nl, positions, cell, batch, rebuild)
+    return jax.lax.cond(jnp.any(rebuild), _rebuild, _keep, nl, positions, cell, batch)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:
@@ -426,6 +435,11 @@ def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
     Capacities that sufficed are kept; those exceeded grow to ``factor`` times the need.
     """
     spec = nl.spec
+    if bool(nl.shift_overflow):
+        far = np.flatnonzero(np.asarray(nl.max_shift).max(axis=1) > MAX_SHIFT)
+        raise ValueError(f"neighbor list: systems {far[:10].tolist()} have atoms more than {MAX_SHIFT} "
+                         "cells away from their cell (unwrapped positions); wrap them, e.g. with "
+                         "the WrapPeriodic hook")
     needed = [int(x) for x in np.asarray(nl.needed)]
     more = lambda have, need: have if need <= have else max(have + 1, math.ceil(need * factor))
     changes = dict(max_neighbors=more(spec.max_neighbors, needed[0]))
@@ -464,8 +478,9 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
 
     ``method="auto"`` picks all-pairs when a system's atoms are fewer than the
     candidates a cell list would scan, else the cell list. ``max_neighbors``
-    defaults to ``batch.capacity.max_neighbors`` or, if that is 0, an estimate
-    from the densest system with 25 % headroom.
+    defaults to ``batch.capacity.max_neighbors`` or, if that is 0, the largest
+    row actually found plus 10 % and 4 (every row is read at every step, so
+    spare width costs time; a denser state later overflows and grows the list).
     """
     rc = cutoff + skin
     widths, pbc, n_atoms, density = _system_geometry(batch, rc)
@@ -479,7 +494,8 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     cost_cell_list = per_bin * (2 * cl_shift + 1) ** 3
     if method == "auto":
         method = "all_pairs" if cost_all_pairs <= cost_cell_list else "cell_list"
-    if max_neighbors is None:
+    fit = max_neighbors is None and not batch.capacity.max_neighbors
+    if max_neighbors is None:   # an estimate with 25 % headroom, trimmed after the first build
         max_neighbors = batch.capacity.max_neighbors or int(
             np.ceil(1.25 * float(density.max()) * 4.0 / 3.0 * np.pi * rc**3)) + 8
     spec = NeighborSpec(cutoff=cutoff, skin=skin, max_neighbors=max_neighbors, method=method,
@@ -489,6 +505,10 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     for _ in range(4):
         nl = _build_jit(spec, batch.positions, batch.cell, batch)
         if not bool(nl.overflow):
+            snug = int(np.ceil(1.1 * int(nl.needed[0]))) + 4
+            if fit and snug < spec.max_neighbors:
+                spec = dataclasses.replace(spec, max_neighbors=snug)
+                nl = _build_jit(spec, batch.positions, batch.cell, batch)
             return spec, nl
         spec = grow(nl)
     raise RuntimeError(f"neighbor list still overflows after growing to {spec}")

@@ -35,6 +35,7 @@ from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.convergence import ConvergenceHook
 from nvalchemi_jax.dynamics.hooks.base import Hook, HookContext, Stage, run_hooks
 from nvalchemi_jax.models.base import compute
+from nvalchemi_jax import segments
 
 
 @struct.dataclass
@@ -107,7 +108,7 @@ def blend_systems(mask: jax.Array, new: State, old: State, batch: Batch) -> Stat
 
 def _any_per_system(bad_atoms: jax.Array, batch: Batch) -> jax.Array:
     bad = jnp.where(batch.atom_mask, bad_atoms, False).astype(jnp.int32)
-    return jax.ops.segment_max(bad, batch.system_index, batch.num_systems) > 0
+    return segments.segment_max(bad, batch.system_index, batch.num_systems) > 0
 
 
 def _concrete(x) -> bool:

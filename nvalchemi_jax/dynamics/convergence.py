@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from nvalchemi_jax import segments
 
 KEYS = ("fmax", "forces", "energy_change", "stress", "step", "custom")
 REDUCTIONS = ("max", "mean", "sum", "norm", "min")
@@ -17,16 +18,16 @@ def reduce_atoms(values: jax.Array, batch, op: str) -> jax.Array:
     n_sys, index = batch.num_systems, batch.system_index
     mask = batch.atom_mask
     if op == "max":
-        return jax.ops.segment_max(jnp.where(mask, values, -jnp.inf), index, n_sys)
+        return segments.segment_max(jnp.where(mask, values, -jnp.inf), index, n_sys)
     if op == "min":
-        return jax.ops.segment_min(jnp.where(mask, values, jnp.inf), index, n_sys)
-    total = jax.ops.segment_sum(jnp.where(mask, values, 0.0), index, n_sys)
+        return segments.segment_min(jnp.where(mask, values, jnp.inf), index, n_sys)
+    total = segments.segment_sum(jnp.where(mask, values, 0.0), index, n_sys)
     if op == "sum":
         return total
     if op == "mean":
         return total / jnp.maximum(batch.n_atoms, 1)
     if op == "norm":
-        return jnp.sqrt(jax.ops.segment_sum(jnp.where(mask, values**2, 0.0), index, n_sys))
+        return jnp.sqrt(segments.segment_sum(jnp.where(mask, values**2, 0.0), index, n_sys))
     raise ValueError(f"unknown reduce_op {op!r}; expected one of {REDUCTIONS}")
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from nvalchemi_jax import units
 from nvalchemi_jax.batch import Batch, gather_systems, sum_systems
+from nvalchemi_jax import segments
 
 
 def kinetic_energy(velocities: jax.Array, batch: Batch) -> jax.Array:
@@ -44,7 +45,7 @@ def remove_com_velocity(velocities: jax.Array, batch: Batch) -> jax.Array:
 def local_atom_index(batch: Batch) -> jax.Array:
     """``(N,)`` index of each atom within its own system (0 for padding)."""
     i = jnp.arange(batch.num_atoms, dtype=jnp.int32)
-    first = jax.ops.segment_min(i, batch.system_index, batch.num_systems)
+    first = segments.segment_min(i, batch.system_index, batch.num_systems)
     return jnp.where(batch.atom_mask, i - gather_systems(first, batch.system_index), 0)
 
 

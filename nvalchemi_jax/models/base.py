@@ -9,7 +9,12 @@ recompiles) with
 
 :func:`compute` turns any such model into energies, forces ``-dE/dr`` (eV/Å)
 and the stress ``(1/V) dE/dε`` (eV/Å³, tensile positive, ASE's sign) from one
-reverse-mode pass.
+reverse-mode pass. A model may also offer the same quantities in closed form,
+
+* ``evaluate(positions, cell, batch, neighbors, forces, stress) -> ModelOutput``,
+
+which :func:`compute` then uses (pair potentials do: a gather over the full
+neighbor list is much faster on a GPU than autodiff's scatter of pair gradients).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from nvalchemi_jax._linalg import matmul3, vecmat
+from nvalchemi_jax._linalg import det3, matmul3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax.neighbors import NeighborList
 
@@ -52,12 +57,16 @@ class ModelOutput:
 
 def volume(cell: jax.Array) -> jax.Array:
     """``(S,)`` cell volumes |det(cell)| in Å³."""
-    return jnp.abs(jnp.linalg.det(cell))
+    return jnp.abs(det3(cell))
 
 
 def compute(model: Model, positions: jax.Array, cell: jax.Array, batch: Batch,
-            neighbors: NeighborList, forces: bool = True, stress: bool = False) -> ModelOutput:
-    """Evaluate ``model`` on a batch: energies, and forces/stress by autodiff.
+            neighbors: NeighborList, forces: bool = True, stress: bool = False,
+            method: str = "auto") -> ModelOutput:
+    """Evaluate ``model`` on a batch: energies, and forces/stress.
+
+    ``method="auto"`` uses the model's closed-form ``evaluate`` when it has one,
+    else autodiff; ``"autodiff"`` always differentiates ``model.energy``.
 
     The stress is the derivative with respect to a homogeneous strain ε applied
     to positions and cell (``r -> r (1 + ε)``), divided by the volume; systems
@@ -68,6 +77,10 @@ def compute(model: Model, positions: jax.Array, cell: jax.Array, batch: Batch,
         out = compute(model, batch.positions, batch.cell, batch, nl, stress=True)
         out.energy  # (S,)
     """
+    if method not in ("auto", "autodiff"):
+        raise ValueError(f"compute: method must be 'auto' or 'autodiff', got {method!r}")
+    if method == "auto" and hasattr(model, "evaluate"):
+        return model.evaluate(positions, cell, batch, neighbors, forces=forces, stress=stress)
     if not (forces or stress):
         return ModelOutput(energy=model.energy(positions, cell, batch, neighbors))
 

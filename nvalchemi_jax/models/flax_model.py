@@ -10,6 +10,7 @@ from flax import struct
 
 from nvalchemi_jax.models.base import Composable
 from nvalchemi_jax.neighbors import pair_vectors
+from nvalchemi_jax import segments
 
 
 @struct.dataclass
@@ -64,4 +65,4 @@ class FlaxModel(Composable):
         per_atom = self.module.apply(self.variables, self.graph(positions, cell, batch, neighbors))
         per_atom = jnp.reshape(per_atom, (positions.shape[0],))
         per_atom = jnp.where(batch.atom_mask, per_atom, 0.0)
-        return jax.ops.segment_sum(per_atom, batch.system_index, num_segments=batch.num_systems)
+        return segments.segment_sum(per_atom, batch.system_index, batch.num_systems)

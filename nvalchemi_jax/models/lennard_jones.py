@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from nvalchemi_jax.models.base import Composable
-
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class LennardJones(Composable):
+class LennardJones(pair.PairPotential):
     """φ(r) = 4 ε [(σ/r)¹² − (σ/r)⁶] for r < cutoff.
 
     sigma: Å and epsilon: eV, scalars or ``(P, P)`` symmetric tables over ``species``
@@ -58,8 +56,7 @@ class LennardJones(Composable):
         """Host side: every element of ``batch`` has parameters."""
         pair.check_species("LennardJones", self.species, batch)
 
-    def energy(self, positions, cell, batch, neighbors):
-        table = pair.species_table(self.species)
+    def pair_function(self):
 
         def phi(r2, rows_i, rows_j):
             sigma = pair.pair_parameter(self.sigma, rows_i, rows_j)
@@ -73,4 +70,4 @@ class LennardJones(Composable):
                 e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
             return e
 
-        return pair.pair_energy(phi, self.cutoff, table, positions, cell, batch, neighbors)
+        return phi

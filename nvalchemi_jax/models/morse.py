@@ -5,13 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import struct
 
-from nvalchemi_jax.models.base import Composable
-
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class Morse(Composable):
+class Morse(pair.PairPotential):
     """φ(r) = D [e^{−2α(r−r₀)} − 2 e^{−α(r−r₀)}] for r < cutoff (minimum −D at r₀).
 
     depth D: eV; alpha: 1/Å; r0: Å — scalars or ``(P, P)`` tables over ``species``.
@@ -43,8 +41,7 @@ class Morse(Composable):
     def check(self, batch) -> None:
         pair.check_species("Morse", self.species, batch)
 
-    def energy(self, positions, cell, batch, neighbors):
-        table = pair.species_table(self.species)
+    def pair_function(self):
 
         def morse(r, depth, alpha, r0):
             x = jnp.exp(-alpha * (r - r0))
@@ -61,4 +58,4 @@ class Morse(Composable):
                 e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
             return e
 
-        return pair.pair_energy(phi, self.cutoff, table, positions, cell, batch, neighbors)
+        return phi

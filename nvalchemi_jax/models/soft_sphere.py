@@ -6,13 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from nvalchemi_jax.models.base import Composable
-
 from nvalchemi_jax.models import pair
 
 
 @struct.dataclass
-class SoftSphere(Composable):
+class SoftSphere(pair.PairPotential):
     """φ(r) = (ε/α) (1 − r/σ)^α for r < σ, zero beyond; purely repulsive.
 
     sigma: contact distance in Å (the cutoff defaults to the largest σ); epsilon: eV;
@@ -46,8 +44,7 @@ class SoftSphere(Composable):
             raise ValueError(f"SoftSphere: largest sigma {largest} Å exceeds the cutoff {self.cutoff} Å "
                              "fixed when the model was built; build a new model for the new sigma")
 
-    def energy(self, positions, cell, batch, neighbors):
-        table = pair.species_table(self.species)
+    def pair_function(self):
 
         def phi(r2, rows_i, rows_j):
             sigma = pair.pair_parameter(self.sigma, rows_i, rows_j)
@@ -55,4 +52,4 @@ class SoftSphere(Composable):
             overlap = jnp.maximum(1.0 - jnp.sqrt(r2) / sigma, 0.0)
             return epsilon / self.alpha * overlap**self.alpha
 
-        return pair.pair_energy(phi, self.cutoff, table, positions, cell, batch, neighbors)
+        return phi

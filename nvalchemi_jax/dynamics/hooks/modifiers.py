@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax._linalg import vecmat
+from nvalchemi_jax._linalg import inv3, vecmat
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics.hooks.base import Hook, Stage
+from nvalchemi_jax import segments
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -81,7 +82,7 @@ class WrapPeriodicHook(Hook):
         cell = gather_systems(state.cell, batch.system_index)
         periodic = gather_systems(batch.pbc, batch.system_index, False)
         safe = jnp.where(periodic[:, :, None], cell, jnp.eye(3, dtype=cell.dtype))
-        frac = vecmat(state.positions, jnp.linalg.inv(safe))
+        frac = vecmat(state.positions, inv3(safe))
         shift = jnp.where(periodic, jnp.floor(frac), 0.0)
         return state.replace(positions=state.positions - vecmat(shift, cell))
 
@@ -93,7 +94,7 @@ class BiasedPotentialHook(Hook):
 
     Example (a harmonic wall keeping atoms below z = 20 Å)::
 
-        wall = lambda r, cell, b: jax.ops.segment_sum(
+        wall = lambda r, cell, b: segments.segment_sum(
             jnp.where(b.atom_mask, 0.5 * jnp.maximum(r[:, 2] - 20.0, 0.0) ** 2, 0.0),
             b.system_index, b.num_systems)
         BiasedPotentialHook(energy_fn=wall)

@@ -1,9 +1,9 @@
 """Hook overhead (W4): NVE throughput with logging + snapshot hooks every 100 steps vs none.
 
-B periodic FCC argon crystals of 256 atoms (as in bench_md.py). Prints JSON lines with
+B periodic FCC argon crystals of 256 atoms (the W1 inputs). Prints JSON lines with
 atom-steps/s for both runs and the relative overhead.
 
-    python benchmarks/bench_hooks.py --batches 1024 --steps 1000
+    python benchmarks/bench_w4_hooks.py --batches 1024 --steps 1000
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from nvalchemi_jax.dynamics.sinks import HostMemory
 from nvalchemi_jax.models import LennardJones
 
 from _report import emit
-from bench_md import crystals
+from _nve import batch_of
+from peers import nve_inputs
 
 
 def throughput(md, batch, steps, chunk):
@@ -39,19 +40,20 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="*", default=[16])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--chunk", type=int, default=100)
+    p.add_argument("--skin", type=float, default=1.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
     rows = []
     for b in args.batches:
-        batch = crystals(b, (4, 4, 4))
-        plain = NVE(model, dt=5.0, n_steps=10**9)
-        hooked = NVE(model, dt=5.0, n_steps=10**9,
+        batch = batch_of(*nve_inputs(b, 4))
+        plain = NVE(model, dt=5.0, n_steps=10**9, skin=args.skin)
+        hooked = NVE(model, dt=5.0, n_steps=10**9, skin=args.skin,
                      hooks=[LoggingHook(frequency=100, output=lambda rows: None),
                             SnapshotHook(sink=HostMemory(), frequency=100)])
         base = throughput(plain, batch, args.steps, args.chunk)
         with_hooks = throughput(hooked, batch, args.steps, args.chunk)
-        rows.append({"benchmark": "hook_overhead", "case": f"B={b} x 256 atoms",
+        rows.append({"benchmark": "W4 hook_overhead", "case": f"B={b} x 256 atoms",
                      "hooks": "LoggingHook + SnapshotHook, frequency 100", "steps": args.steps,
                      "atom_steps_per_s_no_hooks": base, "atom_steps_per_s_hooks": with_hooks,
                      "overhead": 1.0 - with_hooks / base})

@@ -1,0 +1,81 @@
+"""W1/W2 machinery: NVE throughput of nvalchemi-jax and of each peer on identical inputs.
+
+Inputs come from ``peers.nve_inputs`` (FCC argon, a = 5.26 Å, rattled 0.02 Å, 40 K
+Maxwell-Boltzmann velocities); LJ σ 3.40 Å, ε 0.0104 eV, cutoff 8.5 Å; NVE dt 5 fs.
+Our row carries ``ratio_vs_<peer>`` = our atom-steps/s over the peer's.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # leave GPU memory to torch peers
+
+import time
+
+import jax
+import numpy as np
+
+import nvalchemi_jax as nj
+import peers
+from nvalchemi_jax.dynamics import NVE
+from nvalchemi_jax.models import LennardJones
+
+LJ = dict(sigma=3.40, epsilon=0.0104, cutoff=8.5)
+PEERS = ("jax-md", "nvalchemi", "torch-sim")
+
+
+def peak_bytes():
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def batch_of(positions, cell, velocities):
+    """Our batch of ``positions (B, n, 3)`` argon crystals."""
+    count, n = positions.shape[:2]
+    return nj.Batch.from_arrays(positions=list(positions), atomic_numbers=[np.full(n, 18)] * count,
+                                cell=list(cell), pbc=[np.ones(3, bool)] * count,
+                                velocities=list(velocities), min_distance=None)
+
+
+def ours(positions, cell, velocities, steps, chunk, skin):
+    """Our compiled run loop; the first chunk (compilation, neighbor allocation) is timed apart."""
+    count, n = positions.shape[:2]
+    t0 = time.perf_counter()
+    batch = batch_of(positions, cell, velocities)
+    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=skin)
+    warm = md.run(batch, max_steps=chunk, chunk_size=chunk)
+    jax.block_until_ready(warm.state)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = md.run(batch, state=warm.state, max_steps=steps, chunk_size=chunk)
+    jax.block_until_ready(result.state)
+    seconds = time.perf_counter() - t0
+    atoms, taken = count * n, result.steps - warm.steps
+    nl = result.state.neighbors
+    return {"peer": "nvalchemi-jax", "version": nj.__version__, "atoms": atoms, "batch": count,
+            "steps": taken, "seconds": seconds, "atom_steps_per_s": atoms * taken / seconds,
+            "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
+            "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
+            "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
+            "lj_form": "shifted", "chunk": chunk}
+
+
+def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS):
+    """One case: ours, then each peer; rows for all of them (skipped peers say why)."""
+    positions, cell, velocities = peers.nve_inputs(count, repeats)
+    mine = {"case": case, **ours(positions, cell, velocities, steps, chunk, skin)}
+    mine["peak_bytes_per_atom"] = (mine["peak_bytes"] or 0) / mine["atoms"]
+    rows = [mine]
+    for name in peer_names:
+        try:
+            r = peers.nve(name, positions, cell, velocities, steps=peer_steps, skin=skin, **LJ)
+        except peers.PeerSkipped as e:
+            rows.append({"case": case, "peer": name, "skipped": str(e)})
+            continue
+        except Exception as e:  # noqa: BLE001 - a peer crashing must not lose our numbers
+            rows.append({"case": case, "peer": name, "failed": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        r["peer_device"] = r.pop("device", None)      # the header's "device" names the GPU
+        rows.append({"case": case, **r})
+        mine[f"ratio_vs_{name}"] = mine["atom_steps_per_s"] / r["atom_steps_per_s"]
+    return rows

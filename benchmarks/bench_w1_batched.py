@@ -1,0 +1,33 @@
+"""W1: NVE throughput of B periodic FCC argon crystals of 256 atoms, against the peers.
+
+    python benchmarks/bench_w1_batched.py --batches 1 64 1024 4096 --out results/w1.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _nve
+from _report import emit
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--steps", type=int, default=500, help="our timed steps")
+    p.add_argument("--peer-steps", type=int, default=100, help="each peer's timed steps")
+    p.add_argument("--chunk", type=int, default=100)
+    p.add_argument("--skin", type=float, default=1.0)
+    p.add_argument("--peers", nargs="*", default=list(_nve.PEERS))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for b in args.batches:
+        rows += _nve.compare(f"W1 B={b} x 256", b, 4, args.steps, args.peer_steps, args.chunk,
+                             args.skin, args.peers)
+        emit(rows[-1 - len(args.peers):])          # progress, case by case
+    emit([{"benchmark": "W1", **r} for r in rows], args.out)
+
+
+if __name__ == "__main__":
+    main()

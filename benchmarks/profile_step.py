@@ -1,0 +1,113 @@
+"""Where a step's time goes: model evaluation (closed form vs autodiff), the neighbor-list
+check, and the whole compiled step, for W1/W2-like systems. Prints JSON lines.
+
+    python benchmarks/profile_step.py --batches 1 1024 --big 256000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _report import emit
+from _nve import batch_of
+from peers import nve_inputs
+from nvalchemi_jax import neighbors
+from nvalchemi_jax.dynamics import NVE
+from nvalchemi_jax.dynamics.run import run_chunk
+from nvalchemi_jax.models import LennardJones, compute
+
+
+def timed(fn, *args, repeat=20):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def kernel_table(chunk, state, top=25):
+    """Run one chunk under ``jax.profiler`` and sum GPU kernel time by kernel name
+    (from the Perfetto trace JAX writes), per step of the chunk."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(chunk(state))
+        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        if not files:
+            return {}
+        events = json.load(gzip.open(files[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "") and "dur" in e:
+            total[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    ranked = sorted(total, key=total.get, reverse=True)[:top]
+    return {name[:90]: [round(total[name], 1), count[name]] for name in ranked}
+
+
+def profile(name, batch, steps, trace=False, skin=0.5):
+    model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
+    md = NVE(model, dt=5.0, n_steps=10**9, skin=skin)
+    state = jax.block_until_ready(md.init(batch))
+    nl, atoms = state.neighbors, int(np.asarray(batch.n_atoms).sum())
+    row = {"case": name, "skin": skin, "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    for how in ("auto", "autodiff"):
+        f = jax.jit(lambda p, nl, how=how: compute(model, p, batch.cell, batch, nl, method=how).forces)
+        row[f"forces_{how}_us"] = 1e6 * timed(f, state.positions, nl)
+    row["needs_rebuild_us"] = 1e6 * timed(jax.jit(lambda p, nl: neighbors.needs_rebuild(
+        nl, p, batch.cell, batch)), state.positions, nl)
+    row["build_us"] = 1e6 * timed(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
+                                  state.positions, repeat=5)
+    limit = jnp.asarray(steps, jnp.int32)
+    chunk = lambda s: run_chunk(md, s, batch, limit, length=steps)[0]
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(chunk(state))
+    row["first_chunk_s"] = time.perf_counter() - t0
+    row["step_us"] = 1e6 * timed(chunk, state, repeat=3) / steps
+    row["atom_steps_per_s"] = atoms / row["step_us"] * 1e6
+    row["rebuilds"] = int(np.asarray(state.neighbors.rebuilds).max())
+    if trace:
+        row["kernels_us_count"] = kernel_table(chunk, state)
+    hlo = jax.jit(chunk).lower(state).compile().as_text()
+    row["hlo_fusions"] = hlo.count(" fusion(") + hlo.count("=fusion(")
+    row["hlo_conditionals"] = hlo.count(" conditional(")
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--big", type=int, nargs="*", default=[])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--skin", type=float, nargs="*", default=[0.5])
+    p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for skin in args.skin:
+        rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin)
+                 for b in args.batches]
+        for n in args.big:
+            side = round((n / 4) ** (1 / 3))
+            rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin))
+    emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
+
+
+if __name__ == "__main__":
+    main()
