@@ -666,3 +666,26 @@ def test_spec_validation():
     spec = neighbors.NeighborSpec(cutoff=2.0, skin=0.25)
     assert spec.list_cutoff == 2.25
     assert hash(spec) == hash(neighbors.NeighborSpec(cutoff=2.0, skin=0.25))
+
+
+def test_shifts_are_int8_and_far_unwrapped_atoms_are_not_silent(x64):
+    """Shifts are stored in one byte each; an atom unwrapped more than 127 cells away
+    makes the list overflow, and growing it says to wrap the positions."""
+    batch = make_batch(["cubic"])
+    _, nl = neighbors.allocate(batch, cutoff=CUTOFF)
+    assert nl.shifts.dtype == jnp.int8 and not bool(nl.overflow)
+    far = batch.positions.at[0].add(200.0 * batch.cell[0, 0])
+    moved = neighbors.build(nl.spec, far, batch.cell, batch)
+    assert bool(moved.shift_overflow) and bool(moved.overflow)
+    with pytest.raises(ValueError, match="wrap them"):
+        neighbors.grow(moved)
+
+
+def test_allocate_trims_the_row_width_to_what_is_needed(x64):
+    """Every row is read at every step: allocate keeps 10 % (+4) above the largest row."""
+    batch = make_batch(["cubic"])
+    spec, nl = neighbors.allocate(batch, cutoff=CUTOFF)
+    need = int(nl.needed[0])
+    assert spec.max_neighbors == int(np.ceil(1.1 * need)) + 4
+    spec2, _ = neighbors.allocate(batch, cutoff=CUTOFF, max_neighbors=need + 40)
+    assert spec2.max_neighbors == need + 40                 # an explicit width is kept

@@ -41,9 +41,9 @@ class SizeAwareSampler:
     capacity: the :class:`Capacity` to fill; or give ``max_atoms`` / ``max_systems``.
     sizes: atoms per sample, if known cheaply; else ``dataset.n_atoms(i)`` if the
         dataset has it, else ``len(dataset[i])``.
-    lookahead: how many upcoming samples are scanned for one that fits (first fit
-        in dataset order within that window, so order is kept roughly and big
-        samples are not starved).
+    lookahead: how many upcoming samples (at least as many as there are free
+        slots) are scanned for ones that fit (first fit in dataset order within
+        that window, so order is kept roughly and big samples are not starved).
 
     The sample id of a system is its dataset index. Example::
 
@@ -92,7 +92,10 @@ class SizeAwareSampler:
     def take(self, free_systems: int, free_atoms: int) -> list[int]:
         """Dataset indices of samples that fit ``free_systems`` slots and ``free_atoms`` atoms."""
         chosen, kept = [], []
-        window = self._pending[: self.lookahead]
+        # The window is never narrower than the free slots: a large batch refilled
+        # after many systems finished must be able to take that many in one go.
+        width = max(self.lookahead, free_systems)
+        window = self._pending[:width]
         for i in window:
             size = int(self.sizes[i])
             if len(chosen) < free_systems and size <= free_atoms:
@@ -100,7 +103,7 @@ class SizeAwareSampler:
                 free_atoms -= size
             else:
                 kept.append(i)
-        self._pending = kept + self._pending[self.lookahead:]
+        self._pending = kept + self._pending[width:]
         self.handed_out += len(chosen)
         return chosen
 
