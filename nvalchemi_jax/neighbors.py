@@ -221,11 +221,19 @@ def _pair_ok(positions, frame_i, i, j, n, valid, rc2):
     return valid & (d2 < rc2) & ~self_pair
 
 
+def _search_method() -> str:
+    """``jnp.searchsorted``'s method. Its default is a loop, and on a GPU every loop
+    iteration costs a host round trip (an H200 profile of the cell-list build showed ~74
+    device copies per stencil step, ~20 ms per 32,000-atom build); unrolled there. On
+    the CPU the loop is faster."""
+    return "scan" if jax.default_backend() == "cpu" else "scan_unrolled"
+
+
 def _system_segments(batch: Batch):
     """Atoms sorted by system: ``order (N,)``, ``start (S,)``, ``count (S,)``."""
     order = jnp.argsort(batch.system_index, stable=True).astype(jnp.int32)
     bounds = jnp.searchsorted(batch.system_index[order], jnp.arange(batch.num_systems + 1),
-                              side="left").astype(jnp.int32)
+                              side="left", method=_search_method()).astype(jnp.int32)
     return order, bounds[:-1], bounds[1:] - bounds[:-1]
 
 
@@ -328,8 +336,8 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
         inside = jnp.all(periodic | (image == 0), axis=-1) & batch.atom_mask
         c = c - image * nbins_i
         key = key_of(c, nbins_i)
-        lo = jnp.searchsorted(sorted_keys, key, side="left").astype(jnp.int32)
-        hi = jnp.searchsorted(sorted_keys, key, side="right").astype(jnp.int32)
+        lo = jnp.searchsorted(sorted_keys, key, side="left", method=_search_method()).astype(jnp.int32)
+        hi = jnp.searchsorted(sorted_keys, key, side="right", method=_search_method()).astype(jnp.int32)
         occupancy = jnp.where(inside, hi - lo, 0)
         valid = m[None, :] < jnp.minimum(occupancy, m_bin)[:, None]
         j = order[jnp.clip(lo[:, None] + m[None, :], 0, n_atoms - 1)]

@@ -689,3 +689,14 @@ def test_allocate_trims_the_row_width_to_what_is_needed(x64):
     assert spec.max_neighbors == int(np.ceil(1.1 * need)) + 4
     spec2, _ = neighbors.allocate(batch, cutoff=CUTOFF, max_neighbors=need + 40)
     assert spec2.max_neighbors == need + 40                 # an explicit width is kept
+
+
+def test_unrolled_search_builds_the_same_list(monkeypatch):
+    """GPUs use the unrolled binary search (no loop); it must give the CPU's list exactly."""
+    batch = make_batch(MIXED)
+    spec = make_spec("cell_list")
+    plain = neighbors.build(spec, batch.positions, batch.cell, batch)
+    monkeypatch.setattr(neighbors, "_search_method", lambda: "scan_unrolled")
+    unrolled = neighbors.build(spec, batch.positions, batch.cell, batch)
+    for field in ("indices", "shifts", "needed", "max_shift"):
+        np.testing.assert_array_equal(np.asarray(getattr(unrolled, field)), np.asarray(getattr(plain, field)))
