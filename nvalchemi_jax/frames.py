@@ -102,6 +102,14 @@ class Frames:
     def select(self, frames: slice | np.ndarray) -> "Frames":
         """A subset of frames (a slice or an index/bool array), in the given order."""
         index = np.arange(len(self))[frames]
+        if len(index) == len(self) and np.array_equal(index, np.arange(len(self))):
+            return self                                   # everything, in order (sinks' usual case)
+        if len(index) and np.all(np.diff(index) == 1):    # one run of frames: slice, don't gather
+            first, last = int(index[0]), int(index[-1])
+            atoms = slice(int(self.offsets[first]), int(self.offsets[last + 1]))
+            fields = {f: np.array(getattr(self, f)[atoms]) for f in ATOM_FIELDS}
+            fields.update({f: np.array(getattr(self, f)[first:last + 1]) for f in FRAME_FIELDS})
+            return Frames(**fields, offsets=self.offsets[first:last + 2] - self.offsets[first])
         lo, hi = self.offsets[index], self.offsets[index + 1]
         counts = hi - lo
         # Atom indices of the chosen frames without a Python loop: repeat starts, add ramps.

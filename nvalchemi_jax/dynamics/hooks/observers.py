@@ -51,14 +51,16 @@ class LoggingHook(Hook):
 
     def _on_host(self, records, due, steps):
         new_rows = []
+        names = ("sample_id", "n_atoms", "energy_per_atom", "fmax", "temperature", "status", "step")
         for t in np.flatnonzero(due):
-            r = {k: v[t] for k, v in records.items()}
-            for s in np.flatnonzero(r["sample_id"] >= 0):
-                new_rows.append({"step": int(steps[t]), "sample_id": int(r["sample_id"][s]),
-                                 "n_atoms": int(r["n_atoms"][s]),
-                                 "energy_per_atom": float(r["energy_per_atom"][s]),
-                                 "fmax": float(r["fmax"][s]), "temperature": float(r["temperature"][s]),
-                                 "status": int(r["status"][s]), "system_step": int(r["step"][s])})
+            live = records["sample_id"][t] >= 0
+            # Whole columns to Python at once (per-element conversions cost ~10 ms per
+            # 1,000 systems, and this runs between chunks).
+            columns = [records[k][t][live].tolist() for k in names]
+            step = int(steps[t])
+            new_rows += [{"step": step, "sample_id": i, "n_atoms": n, "energy_per_atom": e, "fmax": f,
+                          "temperature": temp, "status": st, "system_step": k}
+                         for i, n, e, f, temp, st, k in zip(*columns)]
         if not new_rows:
             return
         self.rows.extend(new_rows)
