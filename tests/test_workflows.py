@@ -107,6 +107,20 @@ def test_sampler_takes_as_many_as_free_slots_beyond_lookahead():
     assert sampler.take(5, 30) == [600, 601, 602]      # the atom budget still binds
 
 
+def test_frames_select_matches_per_frame_slicing(x64):
+    """Whole, contiguous and scattered selections (three code paths) against slicing each
+    frame's atoms out of the ragged arrays by hand."""
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3), (2, 3, 3), (1, 2, 2)], sample_ids=[7, 8, 9, 10])
+    frames = Frames.from_state(NVE(LJ, dt=2.0).init(batch), batch, np.asarray(batch.system_mask))
+    for pick in (slice(None), slice(1, 3), np.array([3, 0, 2]), np.array([False, True, False, True])):
+        chosen = np.arange(len(frames))[pick]
+        got = frames.select(pick)
+        np.testing.assert_array_equal(got.sample_id, frames.sample_id[chosen])
+        want = np.concatenate([frames.positions[frames.offsets[i]:frames.offsets[i + 1]] for i in chosen])
+        np.testing.assert_array_equal(got.positions, want)
+        np.testing.assert_array_equal(got.n_atoms, frames.n_atoms[chosen])
+
+
 def test_zarr_round_trip_append_and_plain_zarr(tmp_path, x64):
     batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3), (2, 3, 3)], temperature=20.0, sample_ids=[4, 5, 6])
     state = NVE(LJ, dt=2.0).init(batch)
