@@ -70,7 +70,7 @@ class FreezeAtomsHook(Hook):
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class WrapPeriodicHook(Hook):
     """Wrap positions into the cell along periodic axes every ``frequency`` steps (the
-    neighbor list notices the jump and rebuilds those systems)."""
+    neighbor list notices the jump and rebuilds)."""
 
     stages: tuple = (Stage.AFTER_STEP,)
 
