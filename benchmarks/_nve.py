@@ -79,3 +79,13 @@ def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEE
         rows.append({"case": case, **r})
         mine[f"ratio_vs_{name}"] = mine["atom_steps_per_s"] / r["atom_steps_per_s"]
     return rows
+
+
+def add_arguments(parser):
+    """Options shared by the W1 and W2 scripts."""
+    parser.add_argument("--steps", type=int, default=500, help="our timed steps")
+    parser.add_argument("--peer-steps", type=int, default=100, help="each peer's timed steps")
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--skin", type=float, default=1.0)
+    parser.add_argument("--peers", nargs="*", default=list(PEERS))
+    parser.add_argument("--out", default=None)

@@ -14,12 +14,7 @@ from _report import emit
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 16])
-    p.add_argument("--steps", type=int, default=500, help="our timed steps")
-    p.add_argument("--peer-steps", type=int, default=100, help="each peer's timed steps")
-    p.add_argument("--chunk", type=int, default=100)
-    p.add_argument("--skin", type=float, default=1.0)
-    p.add_argument("--peers", nargs="*", default=list(_nve.PEERS))
-    p.add_argument("--out", default=None)
+    _nve.add_arguments(p)
     args = p.parse_args(argv)
     rows = []
     for b in args.batches:
