@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The committed GPU measurements, each workload bounded by a timeout so that one device
+# call (10 minutes at most) finishes: `part1` = W1 + W2 (~6 min), `part2` = W3 (ours, then
+# the peers), W4, W5 (~8 min). Run from the repository root on the H200 after
+# install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
+#
+#   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
+set -uo pipefail
+part=${1:?part1 or part2}
+out=$(realpath -m "${2:-benchmarks/results}")
+day=$(date +%F)
+mkdir -p "$out"
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1
+run() {  # name, seconds, script and its arguments
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 "$@" --out "$out/${name}_h200_$day.jsonl" > "$out/$name.log" 2>&1
+  echo "$name: exit $? ($(grep -c . "$out/${name}_h200_$day.jsonl" 2>/dev/null || echo 0) rows)"
+}
+case $part in
+  part1)
+    run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50
+    run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
+  part2)
+    run w3_relax 150 bench_w3_relax.py --count 10000 --batch-size 2048 --mixed-count 1000 \
+      --mixed-batch 128 --fused-count 500 --peers
+    run w4_hooks 60 bench_w4_hooks.py --batches 1024 --steps 300
+    run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
+    run w3_relax_peers 240 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
+      --peers nvalchemi:fixed nvalchemi:inflight ase --ase-count 10 ;;
+  *) echo "unknown part $part (part1 or part2)"; exit 2 ;;
+esac
