@@ -33,6 +33,16 @@ def timed(fn, *args, repeat=20):
     return float(np.median(times))
 
 
+def variadic_row_sums(terms):
+    """Alternative to ``pair._row_sums``: one variadic reduce for all terms (one kernel?)."""
+    init = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return list(jax.lax.reduce(tuple(terms), init, lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,)))
+
+
+ROW_SUMS = {"separate": None, "variadic": variadic_row_sums}
+ROW_SUMS_CHOSEN = ["separate"]
+
+
 def kernel_table(chunk, state, top=25):
     """Run one chunk under ``jax.profiler`` and sum GPU kernel time by kernel name
     (from the Perfetto trace JAX writes), per step of the chunk."""
@@ -65,7 +75,7 @@ def profile(name, batch, steps, trace=False, skin=0.5):
     md = NVE(model, dt=5.0, n_steps=10**9, skin=skin)
     state = jax.block_until_ready(md.init(batch))
     nl, atoms = state.neighbors, int(np.asarray(batch.n_atoms).sum())
-    row = {"case": name, "skin": skin, "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
+    row = {"case": name, "skin": skin, "row_sums": ROW_SUMS_CHOSEN[0], "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for how in ("auto", "autodiff"):
         f = jax.jit(lambda p, nl, how=how: compute(model, p, batch.cell, batch, nl, method=how).forces)
@@ -96,9 +106,15 @@ def main(argv=None):
     p.add_argument("--big", type=int, nargs="*", default=[])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--skin", type=float, nargs="*", default=[0.5])
+    p.add_argument("--row-sums", choices=list(ROW_SUMS), default="separate",
+                   help="how the force pass sums its per-pair terms (an experiment)")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if ROW_SUMS[args.row_sums] is not None:
+        from nvalchemi_jax.models import pair
+        pair._row_sums = ROW_SUMS[args.row_sums]
+        ROW_SUMS_CHOSEN[0] = args.row_sums
     rows = []
     for skin in args.skin:
         rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The committed GPU measurements, each workload bounded by a timeout so that one device
-# call (10 minutes at most) finishes: `part1` = W1 + W2 (~6 min), `part2` = W3 (ours, then
-# the peers), W4, W5 (~8 min). Run from the repository root on the H200 after
+# call (10 minutes at most) finishes: `profile` = per-kernel tables of the step, both
+# force-pass variants (~4 min), `part1` = W1 + W2 (~6 min), `part2` = W3 (ours, then the
+# peers), W4, W5 (~8 min). Run from the repository root on the H200 after
 # install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
 set -uo pipefail
-part=${1:?part1 or part2}
+part=${1:?profile, part1 or part2}
 out=$(realpath -m "${2:-benchmarks/results}")
 day=$(date +%F)
 mkdir -p "$out"
@@ -19,6 +20,11 @@ run() {  # name, seconds, script and its arguments
   echo "$name: exit $? ($(grep -c . "$out/${name}_h200_$day.jsonl" 2>/dev/null || echo 0) rows)"
 }
 case $part in
+  profile)
+    for sums in separate variadic; do
+      run "profile_step_$sums" 200 profile_step.py --batches 1 1024 --big 32000 256000 --skin 1.0 \
+        --trace --row-sums "$sums"
+    done ;;
   part1)
     run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50
     run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
@@ -29,5 +35,5 @@ case $part in
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
     run w3_relax_peers 240 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:fixed nvalchemi:inflight ase --ase-count 10 ;;
-  *) echo "unknown part $part (part1 or part2)"; exit 2 ;;
+  *) echo "unknown part $part (profile, part1 or part2)"; exit 2 ;;
 esac

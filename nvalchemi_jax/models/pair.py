@@ -149,15 +149,18 @@ def pair_compute(pair_fn: Callable, cutoff: float, species: np.ndarray | None,
     d, phi, dphi = _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors,
                                forces or stress)
     n_sys = batch.num_systems
-    # Separate row sums of (N, K) components (a stacked (N, K, terms) sum was 10x slower
-    # on the H200: XLA materialised it).
-    energy = segments.segment_sum(0.5 * jnp.sum(phi, axis=1), batch.system_index, n_sys)
-    out_forces = None
+    terms = [0.5 * phi]
     if forces:
-        out_forces = jnp.stack([2.0 * jnp.sum(dphi * d[a], axis=1) for a in range(3)], axis=-1)
+        terms += [2.0 * dphi * d[a] for a in range(3)]
+    pairs = [(a, b) for a in range(3) for b in range(a, 3)]
+    if stress:
+        terms += [dphi * d[a] * d[b] for a, b in pairs]
+    sums = _row_sums(terms)
+    energy = segments.segment_sum(sums[0], batch.system_index, n_sys)
+    out_forces = jnp.stack(sums[1:4], axis=-1) if forces else None
     out_stress = None
     if stress:
-        w = {(a, b): jnp.sum(dphi * d[a] * d[b], axis=1) for a in range(3) for b in range(a, 3)}
+        w = dict(zip(pairs, sums[len(sums) - 6:]))
         per_atom = jnp.stack([jnp.stack([w[min(a, b), max(a, b)] for b in range(3)], axis=-1)
                               for a in range(3)], axis=-2)
         virial = segments.segment_sum(per_atom, batch.system_index, n_sys)
@@ -165,6 +168,13 @@ def pair_compute(pair_fn: Callable, cutoff: float, species: np.ndarray | None,
         safe = jnp.where(vol > 0, vol, 1.0)
         out_stress = jnp.where((vol > 0)[:, None, None], virial / safe[:, None, None], 0.0)
     return ModelOutput(energy=energy, forces=out_forces, stress=out_stress)
+
+
+def _row_sums(terms: list) -> list:
+    """Row sums ``(N,)`` of per-pair terms ``(N, K)``. Kept separate: a stacked
+    ``(N, K, terms)`` sum was 10x slower on the H200 (XLA materialised it);
+    ``benchmarks/profile_step.py --row-sums`` compares alternatives on a GPU."""
+    return [jnp.sum(t, axis=1) for t in terms]
 
 
 class PairPotential(Composable):
