@@ -376,17 +376,20 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     listed shifts and by the images that could come within reach in the new cell.
     """
     moved = jnp.linalg.norm(positions - nl.reference_positions, axis=-1)
-    moved = segments.segment_max(jnp.where(batch.atom_mask, moved, 0.0), batch.system_index,
-                                batch.num_systems)
     cell_change = jnp.linalg.norm(cell - nl.reference_cell, axis=-1)
     # Shifts a pair inside the cutoff can have in the new cell: listed ones, and any
     # image within reach of the system's (possibly unwrapped) fractional spread.
     _, inverse, widths = _frame_and_widths(cell, batch.pbc)
     frac = vecmat(positions, gather_systems(inverse, batch.system_index))
     big = jnp.asarray(jnp.finfo(positions.dtype).max, positions.dtype)
-    mask = batch.atom_mask[:, None]
-    span = (segments.segment_max(jnp.where(mask, frac, -big), batch.system_index, batch.num_systems)
-            - segments.segment_min(jnp.where(mask, frac, big), batch.system_index, batch.num_systems))
+    # One per-system max over [|Δr|, frac, -frac] (max of -frac = -min): one reduction
+    # instead of three, as this runs at every step.
+    values = jnp.concatenate([moved[:, None], frac, -frac], axis=1)
+    values = jnp.where(batch.atom_mask[:, None], values, jnp.concatenate(
+        [jnp.zeros((1,), values.dtype), jnp.full((6,), -big, values.dtype)]))
+    most = segments.segment_max(values, batch.system_index, batch.num_systems)
+    moved = most[:, 0]
+    span = most[:, 1:4] + most[:, 4:7]
     reach = jnp.where(batch.pbc & batch.system_mask[:, None],
                       jnp.ceil(nl.spec.list_cutoff / widths + jnp.maximum(span, 0.0)), 0.0)
     bound = jnp.maximum(nl.max_shift, reach)

@@ -107,7 +107,9 @@ def blend_systems(mask: jax.Array, new: State, old: State, batch: Batch) -> Stat
 
 
 def _any_per_system(bad_atoms: jax.Array, batch: Batch) -> jax.Array:
-    bad = jnp.where(batch.atom_mask, bad_atoms, False).astype(jnp.int32)
+    """``(S, ...)``: any padding-free True per system of ``bad_atoms (N, ...)``."""
+    mask = batch.atom_mask.reshape(batch.atom_mask.shape + (1,) * (bad_atoms.ndim - 1))
+    bad = jnp.where(mask, bad_atoms, False).astype(jnp.int32)
     return segments.segment_max(bad, batch.system_index, batch.num_systems) > 0
 
 
@@ -299,18 +301,20 @@ class Dynamics:
         finite = lambda x: jnp.isfinite(x)
         # Model outputs first: a NaN force makes velocities NaN a half step later,
         # and the report should name the cause.
+        # Both per-atom checks in one per-system reduction (this runs at every step).
+        bad_atoms = _any_per_system(jnp.stack([
+            ~jnp.all(finite(state.forces), axis=-1),
+            ~jnp.all(finite(state.positions) & finite(state.velocities), axis=-1)], axis=-1), batch)
         reasons = [
             (status_codes.Failure.NONFINITE_ENERGY, ~finite(state.energy)),
-            (status_codes.Failure.NONFINITE_FORCES, _any_per_system(
-                ~jnp.all(finite(state.forces), axis=-1), batch)),
+            (status_codes.Failure.NONFINITE_FORCES, bad_atoms[:, 0]),
         ]
         if self.wants_stress:
             reasons.append((status_codes.Failure.NONFINITE_STRESS,
                             ~jnp.all(finite(state.stress), axis=(-2, -1))))
         reasons += [
             (status_codes.Failure.NONFINITE_CELL, ~jnp.all(finite(state.cell), axis=(-2, -1))),
-            (status_codes.Failure.NONFINITE_POSITIONS, _any_per_system(
-                ~jnp.all(finite(state.positions) & finite(state.velocities), axis=-1), batch)),
+            (status_codes.Failure.NONFINITE_POSITIONS, bad_atoms[:, 1]),
         ]
         reason = jnp.zeros_like(state.failure)
         for code, bad in reversed(reasons):          # the first listed reason wins
