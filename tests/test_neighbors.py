@@ -700,3 +700,14 @@ def test_unrolled_search_builds_the_same_list(monkeypatch):
     unrolled = neighbors.build(spec, batch.positions, batch.cell, batch)
     for field in ("indices", "shifts", "needed", "max_shift"):
         np.testing.assert_array_equal(np.asarray(getattr(unrolled, field)), np.asarray(getattr(plain, field)))
+
+
+def test_cells_one_cutoff_wide_scan_two_images_per_axis(x64):
+    """A triclinic cell between RC and 2 RC wide needs, per axis, only the nearest image and
+    the one beyond it: 8 candidates per atom instead of 27, and still exactly the pairs of
+    the brute-force reference."""
+    batch = make_batch(["triclinic"])
+    n = int(batch.n_atoms[0])
+    spec, nl = neighbors.allocate(batch, cutoff=CUTOFF, skin=SKIN, method="all_pairs")
+    assert int(nl.needed[1]) == 8 * n and spec.max_candidates == 8 * n
+    check_against_brute_force(nl, batch, ["triclinic"])
