@@ -162,6 +162,7 @@ class Batch:
         # slowest part of building a batch of 10,000 small systems).
         sizes = np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
         total, count = int(sizes.sum()), len(systems)
+        systems = systems or [_NO_SYSTEM]             # an all-padding batch: nothing to copy
         atoms = lambda key: np.concatenate([s[key] for s in systems])
         for array, key in ((positions, "positions"), (velocities, "velocities"),
                            (atomic_numbers, "atomic_numbers"), (masses, "masses"), (fixed, "fixed"),
@@ -303,6 +304,12 @@ class Batch:
                 atoms.calc = SinglePointCalculator(atoms, **results)
             out.append(atoms)
         return out
+
+
+_NO_SYSTEM = {"positions": np.zeros((0, 3)), "velocities": np.zeros((0, 3)),
+              "atomic_numbers": np.zeros(0, np.int32), "masses": np.zeros(0), "fixed": np.zeros(0, bool),
+              "tags": np.zeros(0, np.int32), "charges": np.zeros(0), "cell": np.zeros((3, 3)),
+              "pbc": np.zeros(3, bool), "sample_id": -1}
 
 
 def gather_systems(values: jax.Array, system_index: jax.Array, fill: Any = 0) -> jax.Array:

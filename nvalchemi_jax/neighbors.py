@@ -2,9 +2,10 @@
 
 A :class:`NeighborList` is a dense ``(N, K)`` table: row ``i`` holds the atoms
 within ``cutoff + skin`` of atom ``i`` (all of them, both directions, a "full"
-list), padded with the index ``N``; ``shifts (N, K, 3) int8`` holds the integer
-lattice translation of each neighbor (one byte each: the list is read every
-step, and its bytes are most of what a pair potential reads), so the pair vector is::
+list), padded with the index ``N``; ``shifts (N, K, 3)`` holds the integer
+lattice translation of each neighbor (int8 unless atoms drift more than 127
+cells away: the list is read every step, and its bytes are most of what a pair
+potential reads), so the pair vector is::
 
     d_ij = positions[j] - positions[i] + shifts_ij @ cell[system of i]
 
@@ -55,7 +56,7 @@ from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
-MAX_SHIFT = 127   # shifts are stored as int8
+SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> largest |n|
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,9 @@ class NeighborSpec:
     max_image_shift: cell_list: ``R``, bins scanned on each side (1 unless a
         periodic cell is thinner than ``cutoff + skin``).
     block_size: all_pairs: candidates examined per scan step (memory vs speed).
+    shift_dtype: storage of the lattice shifts: ``"int8"`` (the list is read every step,
+        and a byte per component is 4x less traffic than int32) or ``"int32"`` (what
+        :func:`grow` switches to when atoms drift more than 127 cells from their cell).
     """
 
     cutoff: float
@@ -83,6 +87,7 @@ class NeighborSpec:
     max_atoms_per_bin: int = 32
     max_image_shift: int = 1
     block_size: int = 256
+    shift_dtype: str = "int8"
 
     def __post_init__(self):
         if not self.cutoff > 0:
@@ -94,6 +99,9 @@ class NeighborSpec:
         for name in ("max_neighbors", "max_candidates", "max_atoms_per_bin", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NeighborSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shift_dtype not in SHIFT_DTYPES:
+            raise ValueError(f"NeighborSpec.shift_dtype must be one of {tuple(SHIFT_DTYPES)}, "
+                             f"got {self.shift_dtype!r}")
         if self.max_image_shift < 0:
             raise ValueError(f"NeighborSpec.max_image_shift must be >= 0, got {self.max_image_shift}")
 
@@ -107,13 +115,14 @@ class NeighborList:
     """Dense neighbor table plus what the Verlet test and overflow checks need.
 
     indices: ``(N, K) int32``, padding = ``N``.
-    shifts: ``(N, K, 3) int8`` lattice translations (|n| <= 127; beyond that the list
-        overflows: wrap the positions, e.g. with the ``WrapPeriodic`` hook).
+    shifts: ``(N, K, 3)`` lattice translations, ``spec.shift_dtype`` (int8: |n| <= 127;
+        beyond that the list overflows and :func:`grow` switches to int32).
     reference_positions: ``(N, 3)`` positions at the last rebuild of each system.
     reference_cell: ``(S, 3, 3)`` cells at the last rebuild.
     max_shift: ``(S, 3) int32`` largest ``|shift|`` per axis in each system's rows.
     stale: ``(S,) bool`` systems that must be rebuilt at the next :func:`update`.
-    rebuilds: ``(S,) int32`` rebuild counter per system.
+    rebuilds: ``(S,) int32`` rebuilds each system has been through (the whole list is
+        rebuilt at once, so all filled systems count together).
     needed: ``(4,) int32`` largest need seen since allocation: neighbors per atom,
         candidates per system (all_pairs), atoms per bin and bin shift (cell_list).
     """
@@ -147,8 +156,9 @@ class NeighborList:
 
     @property
     def shift_overflow(self) -> jax.Array:
-        """Scalar bool: some lattice shift does not fit in int8 (atoms unwrapped too far)."""
-        return jnp.any(self.max_shift > MAX_SHIFT)
+        """Scalar bool: some lattice shift does not fit ``spec.shift_dtype`` (atoms
+        unwrapped far from their cell); :func:`grow` then widens the storage."""
+        return jnp.any(self.max_shift > SHIFT_DTYPES[self.spec.shift_dtype])
 
 
 # --------------------------------------------------------------------------- geometry
@@ -203,14 +213,15 @@ def _append(carry, j, n, ok):
     slot = jnp.where(ok & (slot < k), slot, k)
     rows = jnp.arange(indices.shape[0])[:, None]
     indices = indices.at[rows, slot].set(j, mode="drop")
-    shifts = shifts.at[rows, slot].set(jnp.clip(n, -MAX_SHIFT, MAX_SHIFT).astype(jnp.int8), mode="drop")
+    most = jnp.iinfo(shifts.dtype).max
+    shifts = shifts.at[rows, slot].set(jnp.clip(n, -most, most).astype(shifts.dtype), mode="drop")
     reach = jnp.maximum(reach, jnp.max(jnp.where(ok[..., None], jnp.abs(n), 0), axis=1))
     return indices, shifts, count + jnp.sum(ok, axis=1, dtype=jnp.int32), reach
 
 
 def _empty_rows(spec, n_atoms):
     return (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
-            jnp.zeros((n_atoms, spec.max_neighbors, 3), jnp.int8),
+            jnp.zeros((n_atoms, spec.max_neighbors, 3), spec.shift_dtype),
             jnp.zeros(n_atoms, jnp.int32), jnp.zeros((n_atoms, 3), jnp.int32))
 
 
@@ -461,14 +472,12 @@ def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
     Capacities that sufficed are kept; those exceeded grow to ``factor`` times the need.
     """
     spec = nl.spec
-    if bool(nl.shift_overflow):
-        far = np.flatnonzero(np.asarray(nl.max_shift).max(axis=1) > MAX_SHIFT)
-        raise ValueError(f"neighbor list: systems {far[:10].tolist()} have atoms more than {MAX_SHIFT} "
-                         "cells away from their cell (unwrapped positions); wrap them, e.g. with "
-                         "the WrapPeriodic hook")
+    changes = {}
+    if bool(nl.shift_overflow):      # atoms far from their cell: shifts need 4 bytes
+        changes["shift_dtype"] = "int32"
     needed = [int(x) for x in np.asarray(nl.needed)]
     more = lambda have, need: have if need <= have else max(have + 1, math.ceil(need * factor))
-    changes = dict(max_neighbors=more(spec.max_neighbors, needed[0]))
+    changes["max_neighbors"] = more(spec.max_neighbors, needed[0])
     if spec.method == "all_pairs":
         changes["max_candidates"] = more(spec.max_candidates, needed[1])
     else:

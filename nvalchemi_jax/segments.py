@@ -29,6 +29,7 @@ def _identity(kind: str, dtype):
 
 
 def _reduce(kind: str, values, ids, num_segments: int):
+    ids = jnp.where(ids < 0, num_segments, ids)      # negative ids are dropped, not wrapped
     identity = _identity(kind, values.dtype)
     out = jnp.full((num_segments,) + values.shape[1:], identity, values.dtype)
     scatter = lambda out, idx, v: getattr(out.at[idx], {"sum": "add"}.get(kind, kind))(v, mode="drop")

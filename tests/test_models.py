@@ -570,6 +570,25 @@ def test_closed_form_equals_autodiff(x64, name):
         compute(model, batch.positions, batch.cell, batch, nl, method="magic")
 
 
+def test_force_loss_gradients_match_autodiff_and_stay_symmetric(x64):
+    """Fitting a two-species table to forces: the gradient through the closed-form forces
+    equals the one through autodiff forces, and is a symmetric table (a valid model)."""
+    model = FD_MODELS["lj_switch"]()
+    batch, nl, _ = _evaluate(model, [_random_periodic_system()])
+
+    def loss(m, method):
+        out = compute(m, batch.positions, batch.cell, batch, nl, method=method)
+        return jnp.sum(out.forces ** 2)
+
+    closed = jax.grad(loss)(model, "auto")
+    auto = jax.grad(loss)(model, "autodiff")
+    for field in ("sigma", "epsilon"):
+        g, ref = np.asarray(getattr(closed, field)), np.asarray(getattr(auto, field))
+        assert np.max(np.abs(ref)) > 0
+        assert _rel(g, ref) < 1e-10, field
+        np.testing.assert_allclose(g, g.T, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------- batching
 def test_batch_invariance(x64):
     """Several systems in one (padded) batch give the same results as each alone."""

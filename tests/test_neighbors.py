@@ -668,17 +668,23 @@ def test_spec_validation():
     assert hash(spec) == hash(neighbors.NeighborSpec(cutoff=2.0, skin=0.25))
 
 
-def test_shifts_are_int8_and_far_unwrapped_atoms_are_not_silent(x64):
+def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64):
     """Shifts are stored in one byte each; an atom unwrapped more than 127 cells away
-    makes the list overflow, and growing it says to wrap the positions."""
+    makes the list overflow, and growing it switches to int32 shifts that give the same
+    pair distances as the wrapped system."""
     batch = make_batch(["cubic"])
     _, nl = neighbors.allocate(batch, cutoff=CUTOFF)
     assert nl.shifts.dtype == jnp.int8 and not bool(nl.overflow)
-    far = batch.positions.at[0].add(200.0 * batch.cell[0, 0])
+    far = batch.positions.at[0].add(200.0 * batch.cell[0, 0])     # the same periodic system
     moved = neighbors.build(nl.spec, far, batch.cell, batch)
     assert bool(moved.shift_overflow) and bool(moved.overflow)
-    with pytest.raises(ValueError, match="wrap them"):
-        neighbors.grow(moved)
+    spec = neighbors.grow(moved)
+    assert spec.shift_dtype == "int32" and spec.max_neighbors == nl.spec.max_neighbors
+    wide = neighbors.build(spec, far, batch.cell, batch)
+    assert wide.shifts.dtype == jnp.int32 and not bool(wide.overflow)
+    distances = lambda lst, pos: np.sort(np.linalg.norm(np.asarray(
+        neighbors.pair_vectors(lst, pos, batch.cell, batch)[0])[np.asarray(lst.mask)], axis=-1))
+    np.testing.assert_allclose(distances(wide, far), distances(nl, batch.positions), atol=1e-8)
 
 
 def test_allocate_trims_the_row_width_to_what_is_needed(x64):

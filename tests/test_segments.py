@@ -31,6 +31,12 @@ def test_matches_jax_ops(x64, n, s, kind):
                                        err_msg=f"{kind} {name} {values.shape} {values.dtype}")
 
 
+def test_ids_out_of_range_are_dropped(x64):
+    ids = jnp.asarray(np.r_[np.zeros(290, int), -1 * np.ones(5, int), 3 * np.ones(5, int)], jnp.int32)
+    np.testing.assert_array_equal(segments.segment_sum(jnp.ones(300), ids, 3), [290.0, 0.0, 0.0])
+    np.testing.assert_array_equal(segments.segment_sum(jnp.ones(10), ids[285:295], 3), [5.0, 0.0, 0.0])
+
+
 def test_empty_segments_get_the_identity(x64):
     ids = jnp.zeros(300, jnp.int32)                       # every atom in system 0 of 3
     v = jnp.ones(300)

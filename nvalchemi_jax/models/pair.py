@@ -75,6 +75,10 @@ def pair_parameter(value, rows_i, rows_j):
     value = jnp.asarray(value)
     if value.ndim == 0:
         return value
+    # Symmetrised explicitly (tables are symmetric, so values do not change): the
+    # closed-form force on i reads only table[i, j], and without this the gradient of a
+    # force-based loss would land on one triangle and leave an asymmetric table.
+    value = 0.5 * (value + value.T)
     ok = (rows_i >= 0) & (rows_j >= 0)
     return jnp.where(ok, value[jnp.maximum(rows_i, 0), jnp.maximum(rows_j, 0)], jnp.nan)
 
