@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nvalchemi_jax as nj
+
 from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, Hook, Stage
 from nvalchemi_jax.dynamics.hooks import (BiasedPotentialHook, ConvergedSnapshotHook, EnergyDriftMonitorHook,
                                           FreezeAtomsHook, LoggingHook, MaxForceClampHook, NaNDetectorHook,
@@ -50,6 +52,19 @@ def test_wrap_periodic_keeps_physics(x64):
                      np.linalg.inv(np.asarray(wrapped.cell)[np.minimum(np.asarray(batch.system_index), 1)]))
     inside = frac[np.asarray(batch.atom_mask)]
     assert inside.min() >= -1e-9 and inside.max() < 1 + 1e-9
+
+
+def test_wrap_periodic_slab_whose_open_row_would_be_singular(x64):
+    """pbc (T, F, T) with the periodic rows spanning the x-y plane: an identity row in the
+    open slot (e_y) would lie in that plane; the hook must still wrap x and y, not z."""
+    cell = np.array([[10.0, 0, 0], [0, 0, 0], [0, 10.0, 0]])
+    pos = np.array([[1.0, 2.0, 0.0], [4.0, 6.0, 3.0], [-27.0, 43.0, -5.0]])
+    batch = nj.Batch.from_arrays(positions=[pos], atomic_numbers=[np.full(3, 18)], cell=[cell],
+                                 pbc=[np.array([True, False, True])])
+    state = NVE(LJ, dt=1.0).init(batch)
+    hook = WrapPeriodicHook(frequency=1)
+    out = np.asarray(hook.fn(state, batch, None).positions)[:3]
+    np.testing.assert_allclose(out, [[1.0, 2.0, 0.0], [4.0, 6.0, 3.0], [3.0, 3.0, -5.0]], atol=1e-12)
 
 
 def test_biased_potential_adds_energy_and_forces(x64):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvalchemi_jax._linalg import inv3, vecmat
+from nvalchemi_jax.neighbors import binning_frame
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics.hooks.base import Hook, Stage
 from nvalchemi_jax import segments
@@ -81,8 +82,11 @@ class WrapPeriodicHook(Hook):
     def _wrap(self, state, batch, ctx):
         cell = gather_systems(state.cell, batch.system_index)
         periodic = gather_systems(batch.pbc, batch.system_index, False)
-        safe = jnp.where(periodic[:, :, None], cell, jnp.eye(3, dtype=cell.dtype))
-        frac = vecmat(state.positions, inv3(safe))
+        # The binning frame: periodic rows are the lattice vectors and open rows complete
+        # an orthogonal basis, so it is never singular (identity rows in place of the open
+        # rows can lie in the periodic plane: pbc (T, F, T) with c along y).
+        frame = gather_systems(binning_frame(state.cell, batch.pbc), batch.system_index)
+        frac = vecmat(state.positions, inv3(frame))
         shift = jnp.where(periodic, jnp.floor(frac), 0.0)
         return state.replace(positions=state.positions - vecmat(shift, cell))
 
