@@ -3,6 +3,8 @@
 import datetime
 import json
 import platform
+import statistics
+import time
 
 import jax
 
@@ -20,3 +22,14 @@ def emit(rows: list[dict], out: str | None = None) -> None:
     if out:
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def median_seconds(fn, *args, repeat: int = 20) -> float:
+    """Median wall time of ``fn(*args)`` (results waited for) after one untimed call."""
+    jax.block_until_ready(fn(*args))
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)

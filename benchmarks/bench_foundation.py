@@ -11,14 +11,13 @@ Prints one JSON object per line (and writes them to --out if given).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import numpy as np
 
 import nvalchemi_jax as nj
-from _report import emit
+from _report import emit, median_seconds
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.datasets import fcc_crystal
 from nvalchemi_jax.models import LennardJones, compute
@@ -38,13 +37,7 @@ def timed(fn, *args, repeats: int = 5):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        runs.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(runs)
+    return compile_s, median_seconds(compiled, *args, repeat=repeats)
 
 
 def peak_memory() -> int | None:

@@ -14,23 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _report import emit
+from _report import emit, median_seconds
 from _nve import batch_of
 from peers import nve_inputs
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import NVE
 from nvalchemi_jax.dynamics.run import run_chunk
 from nvalchemi_jax.models import LennardJones, compute
-
-
-def timed(fn, *args, repeat=20):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def variadic_row_sums(terms):
@@ -40,7 +30,6 @@ def variadic_row_sums(terms):
 
 
 ROW_SUMS = {"separate": None, "variadic": variadic_row_sums}
-ROW_SUMS_CHOSEN = ["separate"]
 
 
 def kernel_table(chunk, state, top=25):
@@ -70,26 +59,26 @@ def kernel_table(chunk, state, top=25):
     return {name[:90]: [round(total[name], 1), count[name]] for name in ranked}
 
 
-def profile(name, batch, steps, trace=False, skin=0.5):
+def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate"):
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
     md = NVE(model, dt=5.0, n_steps=10**9, skin=skin)
     state = jax.block_until_ready(md.init(batch))
     nl, atoms = state.neighbors, int(np.asarray(batch.n_atoms).sum())
-    row = {"case": name, "skin": skin, "row_sums": ROW_SUMS_CHOSEN[0], "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
+    row = {"case": name, "skin": skin, "row_sums": row_sums, "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for how in ("auto", "autodiff"):
         f = jax.jit(lambda p, nl, how=how: compute(model, p, batch.cell, batch, nl, method=how).forces)
-        row[f"forces_{how}_us"] = 1e6 * timed(f, state.positions, nl)
-    row["needs_rebuild_us"] = 1e6 * timed(jax.jit(lambda p, nl: neighbors.needs_rebuild(
+        row[f"forces_{how}_us"] = 1e6 * median_seconds(f, state.positions, nl)
+    row["needs_rebuild_us"] = 1e6 * median_seconds(jax.jit(lambda p, nl: neighbors.needs_rebuild(
         nl, p, batch.cell, batch)), state.positions, nl)
-    row["build_us"] = 1e6 * timed(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
+    row["build_us"] = 1e6 * median_seconds(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
                                   state.positions, repeat=5)
     limit = jnp.asarray(steps, jnp.int32)
     chunk = lambda s: run_chunk(md, s, batch, limit, length=steps)[0]
     t0 = time.perf_counter()
     state = jax.block_until_ready(chunk(state))
     row["first_chunk_s"] = time.perf_counter() - t0
-    row["step_us"] = 1e6 * timed(chunk, state, repeat=3) / steps
+    row["step_us"] = 1e6 * median_seconds(chunk, state, repeat=3) / steps
     row["atom_steps_per_s"] = atoms / row["step_us"] * 1e6
     row["rebuilds"] = int(np.asarray(state.neighbors.rebuilds).max())
     if trace:
@@ -114,14 +103,14 @@ def main(argv=None):
     if ROW_SUMS[args.row_sums] is not None:
         from nvalchemi_jax.models import pair
         pair._row_sums = ROW_SUMS[args.row_sums]
-        ROW_SUMS_CHOSEN[0] = args.row_sums
     rows = []
     for skin in args.skin:
-        rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin)
+        rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums)
                  for b in args.batches]
         for n in args.big:
             side = round((n / 4) ** (1 / 3))
-            rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin))
+            rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin,
+                                args.row_sums))
     emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
 
 

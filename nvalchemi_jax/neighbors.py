@@ -454,15 +454,29 @@ def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:
 
 
 # --------------------------------------------------------------------------- pairs
-def pair_vectors(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch):
-    """Pair vectors ``d_ij (N, K, 3)`` Å and their ``mask (N, K)`` (differentiable in
-    positions and cell). Masked entries hold an arbitrary finite vector."""
+def pair_components(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch):
+    """Pair vectors as three ``(N, K)`` components ``(dx, dy, dz)`` Å and their ``mask (N, K)``
+    (differentiable in positions and cell; masked entries hold an arbitrary finite value).
+
+    Separate components let XLA fuse the gathers with whatever consumes them (a pair
+    potential's row sums) instead of materialising ``(N, K, 3)`` arrays between kernels.
+    """
     mask = nl.mask
     j = jnp.where(mask, nl.indices, 0)
     cell_i = gather_systems(cell, batch.system_index)
-    d = (positions[j] - positions[:, None, :]
-         + vecmat(nl.shifts.astype(positions.dtype), cell_i[:, None]))
-    return d, mask
+    shift = [nl.shifts[..., k].astype(positions.dtype) for k in range(3)]
+    out = []
+    for a in range(3):
+        column = positions[:, a]
+        image = sum(shift[k] * cell_i[:, None, k, a] for k in range(3))
+        out.append(column[j] - column[:, None] + image)
+    return tuple(out), mask
+
+
+def pair_vectors(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch):
+    """Pair vectors ``d_ij (N, K, 3)`` Å and their ``mask (N, K)`` (see :func:`pair_components`)."""
+    d, mask = pair_components(nl, positions, cell, batch)
+    return jnp.stack(d, axis=-1), mask
 
 
 # --------------------------------------------------------------------------- host side

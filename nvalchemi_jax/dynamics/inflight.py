@@ -31,7 +31,7 @@ from nvalchemi_jax import neighbors
 from nvalchemi_jax.batch import gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import blend_stage
-from nvalchemi_jax.dynamics.run import _observers, _Progress, hand_over, regrown, run_chunk
+from nvalchemi_jax.dynamics.run import _Progress, advance, regrown
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 
@@ -190,15 +190,12 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             if max_steps is not None and taken >= max_steps:
                 break
             limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - taken)
-            new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=refill_frequency)
+            state, went, regrew = advance(dyn, state, batch, limit, refill_frequency)
             chunks += 1
-            if bool(new.neighbors.overflow):
-                state = regrown(state, new, batch)
-                regrows += 1
+            regrows += regrew
+            if regrew:
                 continue
-            state = new
-            hand_over(_observers(dyn), buffers)
-            taken += int(np.asarray(went).sum())
+            taken += went
             mask = np.asarray(batch.system_mask)
             occupancy.append(mask.mean())
             padding.append(np.asarray(batch.atom_mask).mean())

@@ -64,6 +64,17 @@ def regrown(start, overflowed, batch):
     return start.replace(neighbors=neighbors._build_jit(spec, start.positions, start.cell, batch))
 
 
+def advance(dyn, state, batch, limit: int, length: int):
+    """One compiled chunk from the host: ``(state, steps taken, regrew)``. On neighbor-list
+    overflow the chunk is dropped and ``state`` comes back with a larger list (redo it);
+    otherwise observers get their rows."""
+    new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=length)
+    if bool(new.neighbors.overflow):
+        return regrown(state, new, batch), 0, True
+    hand_over(_observers(dyn), buffers)
+    return new, int(np.asarray(went).sum()), False
+
+
 def hand_over(observers, buffers) -> None:
     """Give each observer the rows it recorded in the last chunk (only those cross to the host)."""
     for hook, (rows, steps, count) in zip(observers, buffers):
@@ -93,20 +104,15 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     taken = chunks = regrows = 0
     try:
         while taken < max_steps and _any_active(dyn, state, batch):
-            limit = min(chunk_size, max_steps - taken)
-            new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=chunk_size)
+            state, went, regrew = advance(dyn, state, batch, min(chunk_size, max_steps - taken), chunk_size)
             chunks += 1
-            if bool(new.neighbors.overflow):
-                state = regrown(state, new, batch)
-                regrows += 1
+            regrows += regrew
+            if regrew:
                 continue
-            state = new
-            went = np.asarray(went)
-            taken += int(went.sum())
-            hand_over(_observers(dyn), buffers)
+            taken += went
             if bar is not None:
                 bar.update(taken, state, dyn)
-            if not went.any():
+            if not went:
                 break
     finally:
         if bar is not None:

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax.batch import Batch, gather_systems
+from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.models.base import Composable, ModelOutput, volume
-from nvalchemi_jax.neighbors import NeighborList
+from nvalchemi_jax.neighbors import NeighborList, pair_components
 from nvalchemi_jax._elements import MAX_ATOMIC_NUMBER
 from nvalchemi_jax import segments
 
@@ -81,25 +81,6 @@ def pair_parameter(value, rows_i, rows_j):
     value = 0.5 * (value + value.T)
     ok = (rows_i >= 0) & (rows_j >= 0)
     return jnp.where(ok, value[jnp.maximum(rows_i, 0), jnp.maximum(rows_j, 0)], jnp.nan)
-
-
-def pair_components(neighbors: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch):
-    """Pair vectors as three ``(N, K)`` components ``(dx, dy, dz)`` plus the ``mask (N, K)``.
-
-    The same numbers as :func:`~nvalchemi_jax.neighbors.pair_vectors`, kept as separate
-    components: XLA then fuses the gathers, the pair function and the row sums into one
-    pass over the list instead of materialising ``(N, K, 3)`` arrays between kernels.
-    """
-    mask = neighbors.mask
-    j = jnp.where(mask, neighbors.indices, 0)
-    cell_i = gather_systems(cell, batch.system_index)
-    shift = [neighbors.shifts[..., k].astype(positions.dtype) for k in range(3)]
-    out = []
-    for a in range(3):
-        column = positions[:, a]
-        image = sum(shift[k] * cell_i[:, None, k, a] for k in range(3))
-        out.append(column[j] - column[:, None] + image)
-    return tuple(out), mask
 
 
 def _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors, derivative: bool):
