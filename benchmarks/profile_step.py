@@ -20,7 +20,7 @@ from peers import nve_inputs
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import NVE
 from nvalchemi_jax.dynamics.run import run_chunk
-from nvalchemi_jax.models import LennardJones, compute
+from nvalchemi_jax.models import LennardJones, compute, pair_kernel
 
 
 def variadic_row_sums(terms):
@@ -59,7 +59,29 @@ def kernel_table(chunk, state, top=25):
     return {name[:90]: [round(total[name], 1), count[name]] for name in ranked}
 
 
-def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate"):
+def kernel_blocks(model, batch, positions, nl, blocks):
+    """Force pass by the fused kernel for each ``(rows, cols)`` block shape: time and the
+    largest deviation from the XLA form (float32: ~1e-6 of the largest force)."""
+    before = pair_kernel.mode()
+    os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = "xla"
+    f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
+    ref = f(positions, nl)
+    out = {"xla": {"forces_us": 1e6 * median_seconds(f, positions, nl)}}
+    for rows, cols in blocks:
+        pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS = rows, cols
+        os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = "pallas"
+        f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
+        try:
+            err = float(jnp.max(jnp.abs(f(positions, nl) - ref)) / jnp.max(jnp.abs(ref)))
+            out[f"{rows}x{cols}"] = {"forces_us": 1e6 * median_seconds(f, positions, nl),
+                                     "max_rel_err": err}
+        except Exception as e:   # a block shape Triton rejects
+            out[f"{rows}x{cols}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = before
+    return out
+
+
+def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", blocks=()):
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
     md = NVE(model, dt=5.0, n_steps=10**9, skin=skin)
     state = jax.block_until_ready(md.init(batch))
@@ -69,6 +91,9 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate"):
     for how in ("auto", "autodiff"):
         f = jax.jit(lambda p, nl, how=how: compute(model, p, batch.cell, batch, nl, method=how).forces)
         row[f"forces_{how}_us"] = 1e6 * median_seconds(f, state.positions, nl)
+    row["pair_kernel"] = pair_kernel.mode()
+    if blocks:
+        row["kernel_blocks"] = kernel_blocks(model, batch, state.positions, nl, blocks)
     row["needs_rebuild_us"] = 1e6 * median_seconds(jax.jit(lambda p, nl: neighbors.needs_rebuild(
         nl, p, batch.cell, batch)), state.positions, nl)
     row["build_us"] = 1e6 * median_seconds(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
@@ -97,20 +122,23 @@ def main(argv=None):
     p.add_argument("--skin", type=float, nargs="*", default=[0.5])
     p.add_argument("--row-sums", choices=list(ROW_SUMS), default="separate",
                    help="how the force pass sums its per-pair terms (an experiment)")
+    p.add_argument("--blocks", nargs="*", default=[],
+                   help="fused-kernel block shapes to time, e.g. 64x32 128x16")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if ROW_SUMS[args.row_sums] is not None:
         from nvalchemi_jax.models import pair
         pair._row_sums = ROW_SUMS[args.row_sums]
+    blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
     rows = []
     for skin in args.skin:
-        rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums)
-                 for b in args.batches]
+        rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums,
+                         blocks) for b in args.batches]
         for n in args.big:
             side = round((n / 4) ** (1 / 3))
             rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin,
-                                args.row_sums))
+                                args.row_sums, blocks))
     emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
 
 

@@ -56,18 +56,16 @@ class LennardJones(pair.PairPotential):
         """Host side: every element of ``batch`` has parameters."""
         pair.check_species("LennardJones", self.species, batch)
 
-    def pair_function(self):
+    def pair_parameters(self):
+        return {"sigma": self.sigma, "epsilon": self.epsilon}
 
-        def phi(r2, rows_i, rows_j):
-            sigma = pair.pair_parameter(self.sigma, rows_i, rows_j)
-            epsilon = pair.pair_parameter(self.epsilon, rows_i, rows_j)
-            s6 = (sigma * sigma / r2) ** 3
-            e = 4.0 * epsilon * (s6 * s6 - s6)
-            if self.shift:
-                c6 = (sigma * sigma / self.cutoff**2) ** 3
-                e = e - 4.0 * epsilon * (c6 * c6 - c6)
-            if self.switch_on is not None:
-                e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
-            return e
-
-        return phi
+    def pair_term(self, r2, p):
+        sigma, epsilon = p["sigma"], p["epsilon"]
+        s6 = (sigma * sigma / r2) ** 3
+        e = 4.0 * epsilon * (s6 * s6 - s6)
+        if self.shift:
+            c6 = (sigma * sigma / self.cutoff**2) ** 3
+            e = e - 4.0 * epsilon * (c6 * c6 - c6)
+        if self.switch_on is not None:
+            e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
+        return e

@@ -41,21 +41,19 @@ class Morse(pair.PairPotential):
     def check(self, batch) -> None:
         pair.check_species("Morse", self.species, batch)
 
-    def pair_function(self):
+    def pair_parameters(self):
+        return {"depth": self.depth, "alpha": self.alpha, "r0": self.r0}
 
-        def morse(r, depth, alpha, r0):
+    def pair_term(self, r2, p):
+        depth, alpha, r0 = p["depth"], p["alpha"], p["r0"]
+
+        def morse(r):
             x = jnp.exp(-alpha * (r - r0))
             return depth * (x * x - 2.0 * x)
 
-        def phi(r2, rows_i, rows_j):
-            depth = pair.pair_parameter(self.depth, rows_i, rows_j)
-            alpha = pair.pair_parameter(self.alpha, rows_i, rows_j)
-            r0 = pair.pair_parameter(self.r0, rows_i, rows_j)
-            e = morse(jnp.sqrt(r2), depth, alpha, r0)
-            if self.shift:
-                e = e - morse(self.cutoff, depth, alpha, r0)
-            if self.switch_on is not None:
-                e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
-            return e
-
-        return phi
+        e = morse(jnp.sqrt(r2))
+        if self.shift:
+            e = e - morse(self.cutoff)
+        if self.switch_on is not None:
+            e = e * pair.smooth_cutoff(r2, self.cutoff, self.switch_on)
+        return e

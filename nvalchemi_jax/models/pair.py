@@ -14,6 +14,7 @@ from nvalchemi_jax.models.base import Composable, ModelOutput, volume
 from nvalchemi_jax.neighbors import NeighborList, pair_components
 from nvalchemi_jax._elements import MAX_ATOMIC_NUMBER
 from nvalchemi_jax import segments
+from nvalchemi_jax.models import pair_kernel
 
 
 def species_table(species: Sequence[int] | None) -> np.ndarray | None:
@@ -83,7 +84,12 @@ def pair_parameter(value, rows_i, rows_j):
     return jnp.where(ok, value[jnp.maximum(rows_i, 0), jnp.maximum(rows_j, 0)], jnp.nan)
 
 
-def _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors, derivative: bool):
+def _per_pair(params: dict, rows_i, rows_j) -> dict:
+    return {name: pair_parameter(value, rows_i, rows_j) for name, value in params.items()}
+
+
+def _pair_terms(term, params, cutoff, species, positions, cell, batch, neighbors,
+                derivative: bool):
     """Pair vector components ``d = (dx, dy, dz)``, φ ``(N, K)`` and, if asked,
     dφ/d(r²) ``(N, K)``; pairs that are padding or beyond ``cutoff`` hold zeros."""
     d, mask = pair_components(neighbors, positions, cell, batch)
@@ -95,7 +101,8 @@ def _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors, der
         rows = jnp.asarray(species)[batch.atomic_numbers]
         rows_i = rows[:, None]
         rows_j = rows[jnp.where(mask, neighbors.indices, 0)]
-    fn = lambda x: pair_fn(x, rows_i, rows_j)
+    p = _per_pair(params, rows_i, rows_j)
+    fn = lambda x: term(x, p)
     if not derivative:
         return d, jnp.where(within, fn(r2), 0.0), None
     # φ is elementwise in r², so one forward-mode pass gives every pair's derivative.
@@ -103,21 +110,56 @@ def _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors, der
     return d, jnp.where(within, phi, 0.0), jnp.where(within, dphi, 0.0)
 
 
-def pair_energy(pair_fn: Callable, cutoff: float, species: np.ndarray | None,
+def pair_energy(term: Callable, params: dict, cutoff: float, species: np.ndarray | None,
                 positions: jax.Array, cell: jax.Array, batch: Batch,
                 neighbors: NeighborList) -> jax.Array:
     """Per-system energy ``(S,)`` = ½ Σ_i Σ_j φ(r_ij²) over listed pairs within ``cutoff``.
 
-    ``pair_fn(r2, rows_i, rows_j)`` gets squared distances ``(N, K)`` (always
-    positive and finite; masked pairs are zeroed afterwards) and the species
-    rows of both atoms (``None`` when the model has a single species).
+    ``term(r2, p)`` gets squared distances ``(N, K)`` (always positive and finite;
+    masked pairs are zeroed afterwards) and ``p``, the per-pair values of ``params``
+    (scalars stay scalars; ``(P, P)`` tables are gathered by the species of both atoms).
     """
-    _, phi, _ = _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors, False)
+    _, phi, _ = _pair_terms(term, params, cutoff, species, positions, cell, batch, neighbors,
+                            False)
     per_atom = 0.5 * jnp.sum(phi, axis=1)
     return segments.segment_sum(per_atom, batch.system_index, batch.num_systems)
 
 
-def pair_compute(pair_fn: Callable, cutoff: float, species: np.ndarray | None,
+def pair_sums(term: Callable, params: dict, cutoff: float, species: np.ndarray | None,
+              positions: jax.Array, cell: jax.Array, batch: Batch, neighbors: NeighborList,
+              stress: bool = False) -> list[jax.Array]:
+    """Per-atom row sums ``[½Σφ, 2Σφ'dx, 2Σφ'dy, 2Σφ'dz]`` (+ ``Σφ' d_a d_b`` for xx, xy,
+    xz, yy, yz, zz with ``stress``), each ``(N,)``, by XLA (see :func:`pair_compute`)."""
+    d, phi, dphi = _pair_terms(term, params, cutoff, species, positions, cell, batch,
+                               neighbors, True)
+    terms = [0.5 * phi] + [2.0 * dphi * d[a] for a in range(3)]
+    if stress:
+        terms += [dphi * d[a] * d[b] for a, b in _VIRIAL]
+    return _row_sums(terms)
+
+
+_VIRIAL = [(a, b) for a in range(3) for b in range(a, 3)]
+
+
+def _fused_sums(term, params, cutoff, species, positions, cell, batch, neighbors, stress):
+    """:func:`pair_sums` by the fused GPU kernel; derivatives through the XLA form."""
+    rows = None if species is None else jnp.asarray(species)[batch.atomic_numbers]
+    num_species = 1 if species is None else int(np.max(species)) + 1
+
+    @jax.custom_jvp
+    def sums(positions, cell, params):
+        return pair_kernel.pair_sums(term, cutoff, params, rows, num_species, positions, cell,
+                                     batch, neighbors, stress)
+
+    @sums.defjvp
+    def _(primals, tangents):
+        return jax.jvp(lambda x, c, p: pair_sums(term, p, cutoff, species, x, c, batch,
+                                                 neighbors, stress), primals, tangents)
+
+    return sums(positions, cell, params)
+
+
+def pair_compute(term: Callable, params: dict, cutoff: float, species: np.ndarray | None,
                  positions: jax.Array, cell: jax.Array, batch: Batch, neighbors: NeighborList,
                  forces: bool = True, stress: bool = False) -> ModelOutput:
     """Energies, forces and stress of a pair potential in closed form.
@@ -129,23 +171,21 @@ def pair_compute(pair_fn: Callable, cutoff: float, species: np.ndarray | None,
         dE/dε = Σ_i Σ_j φ'(r_ij²) d_ij ⊗ d_ij
 
     the same quantities :func:`~nvalchemi_jax.models.base.compute` gets by autodiff,
-    without its scatter-add of pair gradients.
+    without its scatter-add of pair gradients. On GPUs the row sums come from one fused
+    kernel (:mod:`~nvalchemi_jax.models.pair_kernel`).
     """
-    d, phi, dphi = _pair_terms(pair_fn, cutoff, species, positions, cell, batch, neighbors,
-                               forces or stress)
     n_sys = batch.num_systems
-    terms = [0.5 * phi]
-    if forces:
-        terms += [2.0 * dphi * d[a] for a in range(3)]
-    pairs = [(a, b) for a in range(3) for b in range(a, 3)]
-    if stress:
-        terms += [dphi * d[a] * d[b] for a, b in pairs]
-    sums = _row_sums(terms)
+    if pair_kernel.wanted(positions):
+        sums = _fused_sums(term, params, cutoff, species, positions, cell, batch, neighbors,
+                           stress)
+    else:
+        sums = pair_sums(term, params, cutoff, species, positions, cell, batch, neighbors,
+                         stress)
     energy = segments.segment_sum(sums[0], batch.system_index, n_sys)
     out_forces = jnp.stack(sums[1:4], axis=-1) if forces else None
     out_stress = None
     if stress:
-        w = dict(zip(pairs, sums[len(sums) - 6:]))
+        w = dict(zip(_VIRIAL, sums[4:]))
         per_atom = jnp.stack([jnp.stack([w[min(a, b), max(a, b)] for b in range(3)], axis=-1)
                               for a in range(3)], axis=-2)
         virial = segments.segment_sum(per_atom, batch.system_index, n_sys)
@@ -163,22 +203,28 @@ def _row_sums(terms: list) -> list:
 
 
 class PairPotential(Composable):
-    """Mixin for pair potentials: a subclass gives ``cutoff``, ``species`` and
-    :meth:`pair_function`; this supplies ``energy`` (the model contract, used
-    by autodiff and by sums with other models) and ``evaluate`` (closed-form
-    forces and stress, which :func:`~nvalchemi_jax.models.base.compute` prefers)."""
+    """Mixin for pair potentials: a subclass gives ``cutoff``, ``species``,
+    :meth:`pair_parameters` and :meth:`pair_term`; this supplies ``energy`` (the model
+    contract, used by autodiff and by sums with other models) and ``evaluate``
+    (closed-form forces and stress, which :func:`~nvalchemi_jax.models.base.compute`
+    prefers)."""
 
-    def pair_function(self) -> Callable:
-        """``phi(r2, rows_i, rows_j) -> (N, K)`` pair energies in eV (elementwise in ``r2``)."""
+    def pair_parameters(self) -> dict:
+        """Parameters by name: scalars, or ``(P, P)`` symmetric tables over ``species``."""
+        raise NotImplementedError
+
+    def pair_term(self, r2, p: dict):
+        """φ(r²) in eV, elementwise; ``p`` holds each parameter's per-pair values."""
         raise NotImplementedError
 
     def energy(self, positions, cell, batch, neighbors):
-        return pair_energy(self.pair_function(), self.cutoff, species_table(self.species),
-                           positions, cell, batch, neighbors)
+        return pair_energy(self.pair_term, self.pair_parameters(), self.cutoff,
+                           species_table(self.species), positions, cell, batch, neighbors)
 
     def evaluate(self, positions, cell, batch, neighbors, forces=True, stress=False) -> ModelOutput:
-        return pair_compute(self.pair_function(), self.cutoff, species_table(self.species),
-                            positions, cell, batch, neighbors, forces=forces, stress=stress)
+        return pair_compute(self.pair_term, self.pair_parameters(), self.cutoff,
+                            species_table(self.species), positions, cell, batch, neighbors,
+                            forces=forces, stress=stress)
 
 
 def smooth_cutoff(r2, cutoff: float, onset: float):

@@ -44,12 +44,9 @@ class SoftSphere(pair.PairPotential):
             raise ValueError(f"SoftSphere: largest sigma {largest} Å exceeds the cutoff {self.cutoff} Å "
                              "fixed when the model was built; build a new model for the new sigma")
 
-    def pair_function(self):
+    def pair_parameters(self):
+        return {"sigma": self.sigma, "epsilon": self.epsilon}
 
-        def phi(r2, rows_i, rows_j):
-            sigma = pair.pair_parameter(self.sigma, rows_i, rows_j)
-            epsilon = pair.pair_parameter(self.epsilon, rows_i, rows_j)
-            overlap = jnp.maximum(1.0 - jnp.sqrt(r2) / sigma, 0.0)
-            return epsilon / self.alpha * overlap**self.alpha
-
-        return phi
+    def pair_term(self, r2, p):
+        overlap = jnp.maximum(1.0 - jnp.sqrt(r2) / p["sigma"], 0.0)
+        return p["epsilon"] / self.alpha * overlap**self.alpha

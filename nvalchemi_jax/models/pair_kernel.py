@@ -1,0 +1,166 @@
+"""The pair sums of :mod:`~nvalchemi_jax.models.pair` as one fused GPU kernel (Pallas).
+
+XLA splits the closed-form pass (gather neighbors -> φ, φ' -> energy, force and virial
+row sums) into several kernels that write the per-pair values to memory and read them
+back. This kernel reads each neighbor row once and keeps everything per pair in
+registers: a program takes ``block_rows`` atoms and walks their rows ``block_cols``
+neighbors at a time, gathering neighbor positions, lattice shifts and per-species
+parameters, and accumulates the row sums.
+
+It is a drop-in for :func:`~nvalchemi_jax.models.pair.pair_sums` (same outputs), used on
+GPUs; ``NVALCHEMI_JAX_PAIR_KERNEL=xla`` turns it off. Differentiating through it (force
+fitting, differentiable simulation) falls back to the XLA formulation, whose derivatives
+are the same quantities (a custom JVP).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from nvalchemi_jax.batch import Batch
+from nvalchemi_jax.neighbors import NeighborList
+
+MODES = ("auto", "pallas", "xla")
+BLOCK_ROWS = 64     # atoms per program
+BLOCK_COLS = 32     # neighbors per inner step (powers of two: Triton's block shapes)
+
+
+def mode() -> str:
+    """``NVALCHEMI_JAX_PAIR_KERNEL``: ``auto`` (Pallas on GPUs), ``pallas`` or ``xla``."""
+    value = os.environ.get("NVALCHEMI_JAX_PAIR_KERNEL", "auto")
+    if value not in MODES:
+        raise ValueError(f"NVALCHEMI_JAX_PAIR_KERNEL must be one of {MODES}, got {value!r}")
+    return value
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def wanted(positions: jax.Array) -> bool:
+    """Whether :func:`pair_sums` should run for these inputs (``pallas`` off a GPU runs
+    the kernel in Pallas' interpreter: slow, for tests)."""
+    m = mode()
+    if m == "xla" or positions.shape[0] == 0:
+        return False
+    return m == "pallas" or on_gpu()
+
+
+def _parameter_refs(params: dict, num_species: int):
+    """Tables symmetrised (as ``pair.pair_parameter`` does) and flattened; scalars as ``(1,)``."""
+    names, flat, tables = [], [], []
+    for name, value in params.items():
+        value = jnp.asarray(value)
+        names.append(name)
+        if value.ndim == 0:
+            flat.append(value.reshape(1))
+            tables.append(False)
+        else:
+            if value.shape != (num_species, num_species):
+                raise ValueError(f"pair parameter {name!r} has shape {value.shape}, "
+                                 f"expected ({num_species}, {num_species})")
+            flat.append((0.5 * (value + value.T)).reshape(-1))
+            tables.append(True)
+    return names, flat, tables
+
+
+def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_species: int,
+              positions: jax.Array, cell: jax.Array, batch: Batch, nl: NeighborList,
+              stress: bool, interpret: bool | None = None) -> list[jax.Array]:
+    """Per-atom row sums ``[½Σφ, 2Σφ'dx, 2Σφ'dy, 2Σφ'dz]`` (+ ``Σφ'd_a d_b`` for
+    ``ab`` in xx, xy, xz, yy, yz, zz with ``stress``), each ``(N,)``.
+
+    term: ``term(r2, p) -> φ`` elementwise, ``p`` the per-pair values of ``params``.
+    rows: ``(N,) int32`` each atom's row in the ``(num_species, num_species)`` parameter
+        tables (-1: no parameters), or ``None`` for scalar parameters only.
+    interpret: run in Pallas' interpreter (default: when not on a GPU).
+    """
+    if interpret is None:
+        interpret = not on_gpu()
+    n, k = nl.indices.shape
+    s = cell.shape[0]
+    if rows is None:
+        rows = jnp.zeros((n,), jnp.int32)
+    names, flat, is_table = _parameter_refs(params, num_species)
+    flat = [v.astype(positions.dtype) for v in flat]
+    n_out = 10 if stress else 4
+    kernel = functools.partial(
+        _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
+        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype)
+    from jax.experimental import pallas as pl
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=1)
+    out_shape = [jax.ShapeDtypeStruct((n,), positions.dtype)] * n_out
+    call = pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS),),
+                          compiler_params=compiler_params, interpret=interpret,
+                          name="pair_sums")
+    return list(call(positions.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
+                     batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat))
+
+
+def _load(ref, index, mask, other):
+    """Masked gather ``ref[index]`` (``other`` where ``mask`` is False)."""
+    if mask is None:
+        return ref[index]
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(ref.at[index], mask=mask, other=other)
+
+
+def _store(ref, index, value, mask):
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.store(ref.at[index], value, mask=mask)
+
+
+def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
+            num_species, term, names, is_table, rc2, n_out, dtype):
+    from jax.experimental import pallas as pl
+    param_refs, out_refs = refs[:len(names)], refs[len(names):]
+    i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
+    live = i < n
+    i = jnp.where(live, i, 0)
+    x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
+    system = jnp.clip(sys_ref[i], 0, s - 1)
+    # cell rows of each atom's system: image = Σ_r shift_r · cell[r]
+    cell = [[cell_ref[system * 9 + 3 * r + a][:, None] for a in range(3)] for r in range(3)]
+    row_i = rows_ref[i][:, None]
+    scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
+
+    def block(b, acc):
+        col = b * BLOCK_COLS + jnp.arange(BLOCK_COLS, dtype=jnp.int32)
+        inside = live[:, None] & (col[None, :] < k)
+        flat = jnp.where(inside, i[:, None] * k + col[None, :], 0)
+        j = _load(idx_ref, flat, inside, n)
+        real = j < n
+        j = jnp.where(real, j, 0)
+        shift = [_load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
+        d = [pos_ref[j * 3 + a] - x_i[a] + shift[0] * cell[0][a] + shift[1] * cell[1][a]
+             + shift[2] * cell[2][a] for a in range(3)]
+        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        within = real & (r2 < rc2)
+        r2 = jnp.where(within, r2, rc2)
+        p = dict(scalars)
+        if len(scalars) < len(names):
+            row_j = rows_ref[j]
+            known = (row_i >= 0) & (row_j >= 0)
+            pair_row = jnp.where(known, row_i * num_species + row_j, 0)
+            for name, ref, table in zip(names, param_refs, is_table):
+                if table:
+                    p[name] = jnp.where(known, ref[pair_row], jnp.nan)
+        phi, dphi = jax.jvp(lambda x: term(x, p), (r2,), (jnp.ones_like(r2),))
+        phi = jnp.where(within, phi, 0.0)
+        dphi = jnp.where(within, dphi, 0.0)
+        terms = [0.5 * phi] + [2.0 * dphi * d[a] for a in range(3)]
+        if n_out > 4:
+            terms += [dphi * d[a] * d[c] for a in range(3) for c in range(a, 3)]
+        return tuple(total + jnp.sum(t, axis=1) for total, t in zip(acc, terms))
+
+    zero = jnp.zeros((BLOCK_ROWS,), dtype)
+    acc = jax.lax.fori_loop(0, pl.cdiv(k, BLOCK_COLS), block, (zero,) * n_out)
+    for ref, value in zip(out_refs, acc):
+        _store(ref, i, value, live)
