@@ -67,17 +67,19 @@ def kernel_blocks(model, batch, positions, nl, blocks):
     f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
     ref = f(positions, nl)
     out = {"xla": {"forces_us": 1e6 * median_seconds(f, positions, nl)}}
-    for rows, cols in blocks:
-        pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS = rows, cols
+    default = pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS
+    for rows, cols, warps in blocks:
+        pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS = rows, cols, warps
         os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = "pallas"
         f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
         try:
             err = float(jnp.max(jnp.abs(f(positions, nl) - ref)) / jnp.max(jnp.abs(ref)))
-            out[f"{rows}x{cols}"] = {"forces_us": 1e6 * median_seconds(f, positions, nl),
+            out[f"{rows}x{cols}x{warps}"] = {"forces_us": 1e6 * median_seconds(f, positions, nl),
                                      "max_rel_err": err}
         except Exception as e:   # a block shape Triton rejects
-            out[f"{rows}x{cols}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            out[f"{rows}x{cols}x{warps}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = before
+    pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS = default
     return out
 
 
@@ -123,14 +125,14 @@ def main(argv=None):
     p.add_argument("--row-sums", choices=list(ROW_SUMS), default="separate",
                    help="how the force pass sums its per-pair terms (an experiment)")
     p.add_argument("--blocks", nargs="*", default=[],
-                   help="fused-kernel block shapes to time, e.g. 64x32 128x16")
+                   help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if ROW_SUMS[args.row_sums] is not None:
         from nvalchemi_jax.models import pair
         pair._row_sums = ROW_SUMS[args.row_sums]
-    blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
+    blocks = [tuple(int(v) for v in (b + "x4").split("x")[:3]) for b in args.blocks]
     rows = []
     for skin in args.skin:
         rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums,
