@@ -17,7 +17,7 @@ import numpy as np
 from _report import emit, median_seconds
 from _nve import batch_of
 from peers import nve_inputs
-from nvalchemi_jax import neighbors
+from nvalchemi_jax import _pallas, neighbors
 from nvalchemi_jax.dynamics import NVE
 from nvalchemi_jax.dynamics.run import run_chunk
 from nvalchemi_jax.models import LennardJones, compute, pair_kernel
@@ -62,15 +62,15 @@ def kernel_table(chunk, state, top=25):
 def kernel_blocks(model, batch, positions, nl, blocks):
     """Force pass by the fused kernel for each ``(rows, cols)`` block shape: time and the
     largest deviation from the XLA form (float32: ~1e-6 of the largest force)."""
-    before = pair_kernel.mode()
-    os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = "xla"
+    before = _pallas.mode()
+    os.environ["NVALCHEMI_JAX_KERNELS"] = "xla"
     f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
     ref = f(positions, nl)
     out = {"xla": {"forces_us": 1e6 * median_seconds(f, positions, nl)}}
     default = pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS
     for rows, cols, warps in blocks:
         pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS = rows, cols, warps
-        os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = "pallas"
+        os.environ["NVALCHEMI_JAX_KERNELS"] = "pallas"
         f = jax.jit(lambda p, nl: compute(model, p, batch.cell, batch, nl).forces)
         try:
             err = float(jnp.max(jnp.abs(f(positions, nl) - ref)) / jnp.max(jnp.abs(ref)))
@@ -78,7 +78,7 @@ def kernel_blocks(model, batch, positions, nl, blocks):
                                      "max_rel_err": err}
         except Exception as e:   # a block shape Triton rejects
             out[f"{rows}x{cols}x{warps}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    os.environ["NVALCHEMI_JAX_PAIR_KERNEL"] = before
+    os.environ["NVALCHEMI_JAX_KERNELS"] = before
     pair_kernel.BLOCK_ROWS, pair_kernel.BLOCK_COLS, pair_kernel.NUM_WARPS = default
     return out
 
@@ -93,7 +93,7 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     for how in ("auto", "autodiff"):
         f = jax.jit(lambda p, nl, how=how: compute(model, p, batch.cell, batch, nl, method=how).forces)
         row[f"forces_{how}_us"] = 1e6 * median_seconds(f, state.positions, nl)
-    row["pair_kernel"] = pair_kernel.mode()
+    row["pair_kernel"] = _pallas.mode()
     if blocks:
         row["kernel_blocks"] = kernel_blocks(model, batch, state.positions, nl, blocks)
     row["needs_rebuild_us"] = 1e6 * median_seconds(jax.jit(lambda p, nl: neighbors.needs_rebuild(

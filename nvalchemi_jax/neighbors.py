@@ -53,7 +53,7 @@ from flax import struct
 
 from nvalchemi_jax._linalg import inv3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
-from nvalchemi_jax import segments
+from nvalchemi_jax import _pallas, cell_list_kernel, segments
 
 METHODS = ("all_pairs", "cell_list")
 SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> largest |n|
@@ -342,8 +342,9 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     offset = jnp.cumsum(per_system) - per_system
     offset_i = gather_systems(offset, sys_i)
 
-    def key_of(c, nb):
-        return offset_i + (c[:, 0] * nb[:, 1] + c[:, 1]) * nb[:, 2] + c[:, 2]
+    def key_of(c, nb):   # c (N, ..., 3) bins -> global keys (N, ...)
+        off = offset_i.reshape(offset_i.shape + (1,) * (c.ndim - 2))
+        return off + (c[..., 0] * nb[..., 1] + c[..., 1]) * nb[..., 2] + c[..., 2]
 
     sentinel = jnp.int32(2**31 - 1)
     keys = jnp.where(batch.atom_mask, key_of(b, nbins_i), sentinel)
@@ -353,6 +354,9 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
 
     r = spec.max_image_shift
     stencil = np.array(list(itertools.product(range(-r, r + 1), repeat=3)), np.int32)
+    if _pallas.wanted(n_atoms):
+        return _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order,
+                                sorted_keys, floor, stencil, need_r)
     m = jnp.arange(m_bin, dtype=jnp.int32)
 
     def body(carry, o):
@@ -375,6 +379,32 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     init = (_empty_rows(spec, n_atoms), jnp.int32(0))
     ((indices, shifts, total, reach), most), _ = jax.lax.scan(body, init, jnp.asarray(stencil))
     needed = jnp.stack([jnp.max(total), jnp.int32(0), most, need_r])
+    return indices, shifts, needed, reach
+
+
+def _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order, sorted_keys,
+                     floor, stencil, need_r):
+    """The stencil scan of :func:`_build_cell_list` as one GPU kernel: every atom's bins
+    located at once here, their candidates scanned by :mod:`nvalchemi_jax.cell_list_kernel`."""
+    n_atoms, t = positions.shape[0], len(stencil)
+    periodic = gather_systems(batch.pbc, batch.system_index, False)[:, None, :]
+    nb = nbins_i[:, None, :]
+    c = b[:, None, :] + jnp.asarray(stencil)[None]
+    image = jnp.floor_divide(c, nb)
+    inside = jnp.all(periodic | (image == 0), axis=-1) & batch.atom_mask[:, None]
+    c = c - image * nb
+    key = key_of(c, nb).reshape(-1)
+    lo = jnp.searchsorted(sorted_keys, key, side="left", method=_search_method()).astype(jnp.int32)
+    hi = jnp.searchsorted(sorted_keys, key, side="right", method=_search_method()).astype(jnp.int32)
+    occupancy = jnp.where(inside, (hi - lo).reshape(n_atoms, t), 0)
+    own = floor.astype(jnp.int32)
+    base = jnp.where(periodic, image, 0) + own[:, None, :]
+    indices, shifts, total, reach = cell_list_kernel.scan_bins(
+        positions, frame, batch.system_index, order, own, lo.reshape(n_atoms, t),
+        jnp.minimum(occupancy, spec.max_atoms_per_bin), base, rc=spec.list_cutoff,
+        max_neighbors=spec.max_neighbors, max_atoms_per_bin=spec.max_atoms_per_bin,
+        shift_dtype=jnp.dtype(spec.shift_dtype))
+    needed = jnp.stack([jnp.max(total), jnp.int32(0), jnp.max(occupancy), need_r])
     return indices, shifts, needed, reach
 
 

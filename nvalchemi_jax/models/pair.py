@@ -13,7 +13,7 @@ from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.models.base import Composable, ModelOutput, volume
 from nvalchemi_jax.neighbors import NeighborList, pair_components
 from nvalchemi_jax._elements import MAX_ATOMIC_NUMBER
-from nvalchemi_jax import segments
+from nvalchemi_jax import _pallas, segments
 from nvalchemi_jax.models import pair_kernel
 
 
@@ -175,7 +175,7 @@ def pair_compute(term: Callable, params: dict, cutoff: float, species: np.ndarra
     kernel (:mod:`~nvalchemi_jax.models.pair_kernel`).
     """
     n_sys = batch.num_systems
-    if pair_kernel.wanted(positions):
+    if _pallas.wanted(positions.shape[0]):
         sums = _fused_sums(term, params, cutoff, species, positions, cell, batch, neighbors,
                            stress)
     else:

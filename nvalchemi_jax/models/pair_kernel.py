@@ -8,50 +8,28 @@ neighbors at a time, gathering neighbor positions, lattice shifts and per-specie
 parameters, and accumulates the row sums.
 
 It is a drop-in for :func:`~nvalchemi_jax.models.pair.pair_sums` (same outputs), used on
-GPUs; ``NVALCHEMI_JAX_PAIR_KERNEL=xla`` turns it off. Differentiating through it (force
-fitting, differentiable simulation) falls back to the XLA formulation, whose derivatives
-are the same quantities (a custom JVP).
+GPUs; ``NVALCHEMI_JAX_KERNELS=xla`` turns it off (see :mod:`nvalchemi_jax._pallas`).
+Differentiating through it (force fitting, differentiable simulation) falls back to the
+XLA formulation, whose derivatives are the same quantities (a custom JVP).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from nvalchemi_jax import _pallas
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.neighbors import NeighborList
 
-MODES = ("auto", "pallas", "xla")
 # Block shape (powers of two: Triton's tiles). On an H200 (2026-11-28), 64 x 16 and
 # 32 x 32 were fastest for argon (K = 99): ~2.8x faster than XLA's form at 256,000 atoms;
 # tiles of 128 x 32 and larger ran slower than XLA (register spills).
 BLOCK_ROWS = 64     # atoms per program
 BLOCK_COLS = 16     # neighbors per inner step
 NUM_WARPS = 4
-
-
-def mode() -> str:
-    """``NVALCHEMI_JAX_PAIR_KERNEL``: ``auto`` (Pallas on GPUs), ``pallas`` or ``xla``."""
-    value = os.environ.get("NVALCHEMI_JAX_PAIR_KERNEL", "auto")
-    if value not in MODES:
-        raise ValueError(f"NVALCHEMI_JAX_PAIR_KERNEL must be one of {MODES}, got {value!r}")
-    return value
-
-
-def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
-def wanted(positions: jax.Array) -> bool:
-    """Whether :func:`pair_sums` should run for these inputs (``pallas`` off a GPU runs
-    the kernel in Pallas' interpreter: slow, for tests)."""
-    m = mode()
-    if m == "xla" or positions.shape[0] == 0:
-        return False
-    return m == "pallas" or on_gpu()
 
 
 def _parameter_refs(params: dict, num_species: int):
@@ -83,8 +61,6 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
         tables (-1: no parameters), or ``None`` for scalar parameters only.
     interpret: run in Pallas' interpreter (default: when not on a GPU).
     """
-    if interpret is None:
-        interpret = not on_gpu()
     n, k = nl.indices.shape
     s = cell.shape[0]
     if rows is None:
@@ -95,30 +71,13 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
     kernel = functools.partial(
         _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
         is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype)
-    from jax.experimental import pallas as pl
-    compiler_params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        compiler_params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
-    out_shape = [jax.ShapeDtypeStruct((n,), positions.dtype)] * n_out
-    call = pl.pallas_call(kernel, out_shape=out_shape, grid=(pl.cdiv(n, BLOCK_ROWS),),
-                          compiler_params=compiler_params, interpret=interpret,
-                          name="pair_sums")
-    return list(call(positions.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
-                     batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat))
-
-
-def _load(ref, index, mask, other):
-    """Masked gather ``ref[index]`` (``other`` where ``mask`` is False)."""
-    if mask is None:
-        return ref[index]
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.load(ref.at[index], mask=mask, other=other)
-
-
-def _store(ref, index, value, mask):
-    from jax.experimental.pallas import triton as plgpu
-    plgpu.store(ref.at[index], value, mask=mask)
+    interpret = _pallas.interpreted(interpret)
+    extra = _pallas.spare(interpret)      # masked-out lanes go to index n
+    out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
+    call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret)
+    outs = call(positions.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
+                batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat)
+    return [out[:n] for out in outs]
 
 
 def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
@@ -139,10 +98,10 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         col = b * BLOCK_COLS + jnp.arange(BLOCK_COLS, dtype=jnp.int32)
         inside = live[:, None] & (col[None, :] < k)
         flat = jnp.where(inside, i[:, None] * k + col[None, :], 0)
-        j = _load(idx_ref, flat, inside, n)
+        j = _pallas.load(idx_ref, flat, inside, n)
         real = j < n
         j = jnp.where(real, j, 0)
-        shift = [_load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
+        shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
         d = [pos_ref[j * 3 + a] - x_i[a] + shift[0] * cell[0][a] + shift[1] * cell[1][a]
              + shift[2] * cell[2][a] for a in range(3)]
         r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
@@ -167,4 +126,4 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
     zero = jnp.zeros((BLOCK_ROWS,), dtype)
     acc = jax.lax.fori_loop(0, pl.cdiv(k, BLOCK_COLS), block, (zero,) * n_out)
     for ref, value in zip(out_refs, acc):
-        _store(ref, i, value, live)
+        _pallas.store(ref, jnp.where(live, i, n), value, live)

@@ -1,0 +1,68 @@
+"""What the fused GPU kernels (Pallas on Triton) share: when to use them, and masked
+gathers / scatters through refs.
+
+``NVALCHEMI_JAX_KERNELS``: ``auto`` (the kernels on GPUs, XLA elsewhere), ``pallas``
+(always; off a GPU in Pallas' interpreter: slow, for tests) or ``xla`` (never).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+MODES = ("auto", "pallas", "xla")
+
+
+def mode() -> str:
+    value = os.environ.get("NVALCHEMI_JAX_KERNELS", "auto")
+    if value not in MODES:
+        raise ValueError(f"NVALCHEMI_JAX_KERNELS must be one of {MODES}, got {value!r}")
+    return value
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def wanted(n_atoms: int) -> bool:
+    """Whether the fused kernels should run (read at trace time)."""
+    m = mode()
+    if m == "xla" or n_atoms == 0:
+        return False
+    return m == "pallas" or on_gpu()
+
+
+def interpreted(interpret: bool | None) -> bool:
+    """``interpret``, defaulting to: not on a GPU."""
+    return (not on_gpu()) if interpret is None else interpret
+
+
+def spare(interpret: bool) -> int:
+    """Extra output entries that take the masked-out lanes of stores. A GPU skips those
+    lanes; Pallas' interpreter writes every lane, so they need an address of their own
+    (a dummy address inside the output would race with real entries)."""
+    return 1 if interpret else 0
+
+
+def call(kernel, out_shape, grid: int, num_warps: int, name: str, interpret: bool):
+    """``pl.pallas_call`` on a 1-D grid."""
+    from jax.experimental import pallas as pl
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), compiler_params=params,
+                          interpret=interpret, name=name)
+
+
+def load(ref, index, mask, other):
+    """Masked gather ``ref[index]`` (``other`` where ``mask`` is False; nothing is read there)."""
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(ref.at[index], mask=mask, other=other)
+
+
+def store(ref, index, value, mask):
+    """Masked scatter ``ref[index] = value`` where ``mask``."""
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.store(ref.at[index], value, mask=mask)

@@ -1,0 +1,128 @@
+"""The fused GPU kernels (Pallas) against the XLA forms they replace.
+
+Run here in Pallas' interpreter (the same kernel bodies a GPU compiles through Triton):
+the pair sums must agree with the XLA closed form to rounding, and the cell-list scan
+must give the same neighbor table entry for entry. The XLA forms themselves are checked
+against ASE and brute-force references in test_models.py / test_neighbors.py (and
+``NVALCHEMI_JAX_KERNELS=pallas pytest tests/test_models.py tests/test_neighbors.py``
+runs those against the kernels too).
+"""
+
+from __future__ import annotations
+
+import ase.build
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvalchemi_jax import _pallas, neighbors
+from nvalchemi_jax.batch import Batch
+from nvalchemi_jax.models import LennardJones, Morse, compute, pair
+from nvalchemi_jax.models import pair_kernel
+
+
+def _crystals(seed=0):
+    """Two argon crystals (one triclinic), a krypton-argon alloy, and a slab."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for rep in ((3, 2, 2), (2, 2, 3)):
+        a = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat(rep)
+        out.append(a)
+    tri = ase.build.bulk("Ar", "fcc", a=5.26).repeat((4, 4, 4))
+    out[1] = tri
+    kr = ase.build.bulk("Kr", "fcc", a=5.6, cubic=True).repeat((2, 2, 2))
+    kr.numbers[::3] = 18
+    out.append(kr)
+    slab = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat((3, 3, 2))
+    slab.pbc = (True, True, False)
+    out.append(slab)
+    for a in out:
+        a.positions += rng.normal(0, 0.1, a.positions.shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def system():
+    batch = Batch.from_atoms(_crystals())
+    _, nl = neighbors.allocate(batch, 8.5, skin=0.5, method="cell_list")
+    return batch, nl
+
+
+@pytest.mark.parametrize("stress", [False, True])
+def test_pair_sums_match_xla(system, stress):
+    batch, nl = system
+    lj = LennardJones.mixed(species=(18, 36), sigma=(3.4, 3.6), epsilon=(0.0104, 0.014),
+                            cutoff=8.5, switch_on=8.0)
+    table = pair.species_table(lj.species)
+    ref = pair.pair_sums(lj.pair_term, lj.pair_parameters(), lj.cutoff, table,
+                         batch.positions, batch.cell, batch, nl, stress)
+    rows = jnp.asarray(table)[batch.atomic_numbers]
+    got = pair_kernel.pair_sums(lj.pair_term, lj.cutoff, lj.pair_parameters(), rows, 2,
+                                batch.positions, batch.cell, batch, nl, stress, interpret=True)
+    assert len(got) == len(ref) == (10 if stress else 4)
+    for a, b in zip(ref, got):
+        scale = float(jnp.max(jnp.abs(a)))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
+
+
+def test_compute_through_kernel_and_gradients(system, monkeypatch):
+    """compute() with the kernel gives the XLA results, and derivatives through it (the
+    custom JVP) equal those of the XLA form: forces w.r.t. a parameter and positions."""
+    batch, nl = system
+    model = lambda depth: Morse(depth=depth, alpha=1.2, r0=3.8, cutoff=8.5, switch_on=8.0)
+
+    def loss(depth, positions):
+        out = compute(model(depth), positions, batch.cell, batch, nl, stress=True)
+        return jnp.sum(out.forces ** 2) + jnp.sum(out.stress) + jnp.sum(out.energy)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
+    ref = compute(model(0.02), batch.positions, batch.cell, batch, nl, stress=True)
+    ref_grad = grad(0.02, batch.positions)
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+    assert _pallas.wanted(batch.num_atoms)
+    got = compute(model(0.02), batch.positions, batch.cell, batch, nl, stress=True)
+    jax.clear_caches()
+    got_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(0.02, batch.positions)
+    for f in ("energy", "forces", "stress"):
+        a, b = np.asarray(getattr(ref, f)), np.asarray(getattr(got, f))
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-5 * np.abs(a).max())
+    for a, b in zip(ref_grad, got_grad):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_cell_list_scan_matches_xla(system, monkeypatch):
+    """Same table, same order, same needs and shift reach, in both precisions' int8/int32."""
+    batch, nl = system
+    for shift_dtype in ("int8", "int32"):
+        spec = nl.spec.__class__(**{**nl.spec.__dict__, "shift_dtype": shift_dtype})
+        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
+        ref = neighbors.build(spec, batch.positions, batch.cell, batch)
+        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+        got = neighbors.build(spec, batch.positions, batch.cell, batch)
+        for f in ("indices", "shifts", "needed", "max_shift"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(ref, f)),
+                                          err_msg=f"{f} ({shift_dtype})")
+        assert int(np.asarray(got.indices < batch.num_atoms).sum()) > 0
+
+
+def test_cell_list_scan_reports_overflow(system, monkeypatch):
+    """A row width too small: the kernel drops nothing silently (needed > K, so the list
+    overflows and the caller regrows), and keeps the first K neighbors as XLA does."""
+    batch, nl = system
+    spec = nl.spec.__class__(**{**nl.spec.__dict__, "max_neighbors": 40})
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+    got = neighbors.build(spec, batch.positions, batch.cell, batch)
+    assert bool(got.overflow)
+    assert int(got.needed[0]) == int(nl.needed[0])
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
+    ref = neighbors.build(spec, batch.positions, batch.cell, batch)
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
+
+
+def test_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "triton")
+    with pytest.raises(ValueError, match="NVALCHEMI_JAX_KERNELS"):
+        _pallas.mode()
