@@ -83,9 +83,10 @@ def kernel_blocks(model, batch, positions, nl, blocks):
     return out
 
 
-def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", blocks=()):
+def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", blocks=(),
+            method="auto"):
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
-    md = NVE(model, dt=5.0, n_steps=10**9, skin=skin)
+    md = NVE(model, dt=5.0, n_steps=10**9, skin=skin, neighbor_method=method)
     state = jax.block_until_ready(md.init(batch))
     nl, atoms = state.neighbors, int(np.asarray(batch.n_atoms).sum())
     row = {"case": name, "skin": skin, "row_sums": row_sums, "atoms": atoms, "K": nl.spec.max_neighbors, "method": nl.spec.method,
@@ -126,6 +127,7 @@ def main(argv=None):
                    help="how the force pass sums its per-pair terms (an experiment)")
     p.add_argument("--blocks", nargs="*", default=[],
                    help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
+    p.add_argument("--method", default="auto", help="neighbor-list method (auto, all_pairs, cell_list)")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -136,11 +138,11 @@ def main(argv=None):
     rows = []
     for skin in args.skin:
         rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums,
-                         blocks) for b in args.batches]
+                         blocks, args.method) for b in args.batches]
         for n in args.big:
             side = round((n / 4) ** (1 / 3))
             rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin,
-                                args.row_sums, blocks))
+                                args.row_sums, blocks, args.method))
     emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
 
 
