@@ -51,19 +51,20 @@ def scan_bins(positions, frame, system_index, order, floor, lo, count, base, *, 
     call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "cell_list_scan",
                         interpret)
     indices, shifts, total, reach = call(
-        positions.reshape(-1), frame.reshape(-1).astype(positions.dtype), system_index, order,
-        floor.reshape(-1), lo.reshape(-1), count.reshape(-1), base.reshape(-1))
+        positions.reshape(-1), positions[order].reshape(-1),
+        frame.reshape(-1).astype(positions.dtype), system_index, order,
+        floor[order].reshape(-1), lo.reshape(-1), count.reshape(-1), base.reshape(-1))
     return (indices[:n * k].reshape(n, k), shifts[:n * k * 3].reshape(n, k, 3), total[:n],
             reach[:n * 3].reshape(n, 3))
 
 
-def _kernel(pos_ref, frame_ref, sys_ref, order_ref, floor_ref, lo_ref, count_ref, base_ref,
-            idx_out, shift_out, total_out, reach_out, *, n, k, t, s, tile, rc2, most,
-            shift_dtype):
+def _kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_floor_ref, lo_ref,
+            count_ref, base_ref, idx_out, shift_out, total_out, reach_out, *, n, k, t, s, tile,
+            rc2, most, shift_dtype):
     from jax.experimental import pallas as pl
-    i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
-    live = i < n
-    i = jnp.where(live, i, 0)
+    r = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
+    live = r < n
+    i = order_ref[jnp.where(live, r, 0)]          # this program's atoms, in bin order
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
     frame = [[frame_ref[system * 9 + 3 * r + a][:, None] for a in range(3)] for r in range(3)]
@@ -74,10 +75,13 @@ def _kernel(pos_ref, frame_ref, sys_ref, order_ref, floor_ref, lo_ref, count_ref
         at = i * t + o
         lo = lo_ref[at][:, None]
         valid = live[:, None] & (m < count_ref[at][:, None])
-        j = _pallas.load(order_ref, jnp.where(valid, lo + m, 0), valid, 0)
-        shift = [base_ref[at * 3 + a][:, None] - floor_ref[j * 3 + a] for a in range(3)]
-        d = [pos_ref[j * 3 + a] - x_i[a] + shift[0] * frame[0][a] + shift[1] * frame[1][a]
-             + shift[2] * frame[2][a] for a in range(3)]
+        q = jnp.where(valid, lo + m, 0)           # candidates: contiguous in bin order
+        j = _pallas.load(order_ref, q, valid, 0)
+        shift = [base_ref[at * 3 + a][:, None] - _pallas.load(sorted_floor_ref, q * 3 + a, valid, 0)
+                 for a in range(3)]
+        d = [_pallas.load(sorted_pos_ref, q * 3 + a, valid, 0.0) - x_i[a]
+             + shift[0] * frame[0][a] + shift[1] * frame[1][a] + shift[2] * frame[2][a]
+             for a in range(3)]
         d2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
         self_pair = (j == i[:, None]) & (shift[0] == 0) & (shift[1] == 0) & (shift[2] == 0)
         ok = valid & (d2 < rc2) & ~self_pair

@@ -24,10 +24,10 @@ from nvalchemi_jax import _pallas
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.neighbors import NeighborList
 
-# Block shape (powers of two: Triton's tiles). On an H200 (2026-11-28), 64 x 16 and
-# 32 x 32 were fastest for argon (K = 99): ~2.8x faster than XLA's form at 256,000 atoms;
-# tiles of 128 x 32 and larger ran slower than XLA (register spills).
-BLOCK_ROWS = 64     # atoms per program
+# Block shape (powers of two: Triton's tiles). On an H200 (2026-11-28, argon, K = 99)
+# 32 x 16 with 4 warps was fastest: 352 µs at 256,000 atoms, 403 µs at 1,024 x 256
+# (XLA's form: 1,285 and 1,329 µs); 128 x 16 and 64 x 16 with 2 warps were ~2x slower.
+BLOCK_ROWS = 32     # atoms per program
 BLOCK_COLS = 16     # neighbors per inner step
 NUM_WARPS = 4
 
