@@ -8,10 +8,17 @@ Every ``refill_frequency`` steps (one compiled chunk), on the host:
    slots (back-pressure) and are offered again next time;
 2. written slots are freed and the sampler hands out samples that fit the free
    slots and atoms;
-3. one jitted :func:`refill` clears the freed slots and scatters the new
-   systems into free atom slots (atoms of a system need not be contiguous),
-   initialises their stage variables, marks their neighbor rows stale and
-   computes their forces.
+3. the host writes the new batch (it keeps the only copy the host reads: the
+   device's batch changes only through refills, so it never needs fetching) and
+   one jitted :func:`refill` clears the freed slots of the state, places the new
+   systems (atoms of a system need not be contiguous), initialises their stage
+   variables, marks their neighbor rows stale and computes their forces.
+
+Host and device overlap: the refill and the next chunk are queued back to back,
+and the host hands the last chunk's records to observers and validates the next
+samples while they run; it then waits once per chunk, for the per-system fields
+it needs (per-atom ones are copied in the background and read only when a
+system finished).
 
 Every sample that enters leaves exactly once: written to a sink (failed ones
 with their failure code), or, if ``max_steps`` stops the run first, reported
@@ -22,18 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax import neighbors
-from nvalchemi_jax.batch import gather_systems
+from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import blend_stage
-from nvalchemi_jax.dynamics.run import _Progress, advance, regrown
+from nvalchemi_jax.dynamics.run import _observers, _Progress, dispatch, hand_over, regrown
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
+from nvalchemi_jax import neighbors
 
 
 @dataclasses.dataclass
@@ -58,33 +66,12 @@ class InflightResult:
 
 
 @jax.jit
-def refill(dyn, state, batch, freed, incoming):
-    """Clear ``freed (S,)`` slots and write ``incoming`` systems (host-built, padded to the
-    capacity; entries with target index S or N are dropped). Fixed shapes: never recompiles."""
-    n_sys, n_atoms = batch.num_systems, batch.num_atoms
-    atom_freed = gather_systems(freed, batch.system_index, False)
-    clear = lambda x, fill: jnp.where(atom_freed.reshape(atom_freed.shape + (1,) * (x.ndim - 1)), fill, x)
-    sys_clear = lambda x, fill: jnp.where(freed.reshape(freed.shape + (1,) * (x.ndim - 1)), fill, x)
-    dst, slot = incoming["atom_dst"], incoming["slot"]
-    put = lambda x, v: x.at[dst].set(v.astype(x.dtype), mode="drop")
-    put_s = lambda x, v: x.at[slot].set(v.astype(x.dtype), mode="drop")
-    batch = batch.replace(
-        positions=put(clear(batch.positions, 0.0), incoming["positions"]),
-        velocities=put(clear(batch.velocities, 0.0), incoming["velocities"]),
-        atomic_numbers=put(clear(batch.atomic_numbers, 0), incoming["atomic_numbers"]),
-        masses=put(clear(batch.masses, 1.0), incoming["masses"]),
-        system_index=put(clear(batch.system_index, n_sys), incoming["atom_system"]),
-        atom_mask=put(clear(batch.atom_mask, False), jnp.ones(n_atoms, bool)),
-        fixed=put(clear(batch.fixed, False), incoming["fixed"]),
-        tags=put(clear(batch.tags, 0), incoming["tags"]),
-        charges=put(clear(batch.charges, 0.0), incoming["charges"]),
-        cell=put_s(sys_clear(batch.cell, 0.0), incoming["cell"]),
-        pbc=put_s(sys_clear(batch.pbc, False), incoming["pbc"]),
-        n_atoms=put_s(sys_clear(batch.n_atoms, 0), incoming["n_atoms"]),
-        system_mask=put_s(sys_clear(batch.system_mask, False), jnp.ones(n_sys, bool)),
-        sample_id=put_s(sys_clear(batch.sample_id, -1), incoming["sample_id"]),
-    )
-    new = jnp.zeros(n_sys, bool).at[slot].set(True, mode="drop")
+def refill(dyn, state, old, batch, freed, new):
+    """The state for ``batch`` (the refilled batch, built on the host): ``freed (S,)`` slots
+    of ``old`` cleared, ``new (S,)`` slots started. Fixed shapes: never recompiles.
+    Returns ``(state, overflow)`` (the new systems' neighbor rows may overflow the list)."""
+    n_atoms = batch.num_atoms
+    atom_freed = gather_systems(freed, old.system_index, False)
     new_atom = gather_systems(new, batch.system_index, False)
     rows_cleared = atom_freed & ~new_atom
     nl = state.neighbors
@@ -101,35 +88,62 @@ def refill(dyn, state, batch, freed, incoming):
     state = state.replace(stage=blend_stage(new, dyn.init_stage(state, batch), state.stage, batch))
     state = dyn.compute(state, batch)
     state = state.replace(previous_energy=jnp.where(new, jnp.inf, state.previous_energy))
-    return dyn._mark_failures(state, state, batch, new), batch
+    state = dyn._mark_failures(state, state, batch, new)
+    return state, state.neighbors.overflow
 
 
-def _incoming_arrays(systems, slots, atom_slots, capacity, dtype):
-    """Host-side padded arrays for :func:`refill`."""
-    n_sys, n_atoms = capacity.num_systems, capacity.num_atoms
-    out = {
-        "atom_dst": np.full(n_atoms, n_atoms, np.int32), "atom_system": np.full(n_atoms, n_sys, np.int32),
-        "positions": np.zeros((n_atoms, 3), dtype), "velocities": np.zeros((n_atoms, 3), dtype),
-        "atomic_numbers": np.zeros(n_atoms, np.int32), "masses": np.ones(n_atoms, dtype),
-        "fixed": np.zeros(n_atoms, bool), "tags": np.zeros(n_atoms, np.int32), "charges": np.zeros(n_atoms, dtype),
-        "slot": np.full(n_sys, n_sys, np.int32), "cell": np.zeros((n_sys, 3, 3), dtype),
-        "pbc": np.zeros((n_sys, 3), bool), "n_atoms": np.zeros(n_sys, np.int32),
-        "sample_id": np.full(n_sys, -1, np.int32)}
-    m = 0
-    for k, (system, slot) in enumerate(zip(systems, slots)):
-        n = len(system["atomic_numbers"])
-        idx = slice(m, m + n)
-        out["atom_dst"][idx] = atom_slots[m:m + n]
-        out["atom_system"][idx] = slot
-        for f in ("positions", "velocities", "atomic_numbers", "masses", "fixed", "tags", "charges"):
-            out[f][idx] = system[f]
-        out["slot"][k] = slot
-        out["cell"][k] = system["cell"]
-        out["pbc"][k] = system["pbc"]
-        out["n_atoms"][k] = n
-        out["sample_id"][k] = system["sample_id"]
-        m += n
-    return {k: jnp.asarray(v) for k, v in out.items()}
+_ATOM_FILL = {"positions": 0.0, "velocities": 0.0, "atomic_numbers": 0, "masses": 1.0, "fixed": False,
+              "tags": 0, "charges": 0.0}
+_SYSTEM_FILL = {"cell": 0.0, "pbc": False, "n_atoms": 0, "system_mask": False, "sample_id": -1}
+
+
+def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: np.ndarray,
+                   atom_slots: np.ndarray) -> Batch:
+    """The batch after a refill, built on the host (numpy leaves): ``freed (S,)`` slots
+    cleared, ``systems`` (validated sampler output) written into ``slots`` and, atom by
+    atom in order, into the free atom slots ``atom_slots``. Whole-field copies, no loop
+    over systems."""
+    n_sys = host.num_systems
+    atom_freed = np.append(freed, False)[host.system_index]
+    sizes = np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
+    dst = atom_slots[:int(sizes.sum())]
+    out = {}
+    for field, fill in _ATOM_FILL.items():
+        x = np.array(getattr(host, field))
+        x[atom_freed] = fill
+        if systems:
+            x[dst] = np.concatenate([s[field] for s in systems])
+        out[field] = x
+    system_index = np.array(host.system_index)
+    system_index[atom_freed] = n_sys
+    system_index[dst] = np.repeat(slots, sizes)
+    atom_mask = np.array(host.atom_mask)
+    atom_mask[atom_freed] = False
+    atom_mask[dst] = True
+    values = {"cell": [s["cell"] for s in systems], "pbc": [s["pbc"] for s in systems], "n_atoms": sizes,
+              "system_mask": True, "sample_id": [s["sample_id"] for s in systems]}
+    for field, fill in _SYSTEM_FILL.items():
+        x = np.array(getattr(host, field))
+        x[freed] = fill
+        if systems:
+            x[slots] = values[field]
+        out[field] = x
+    return host.replace(system_index=system_index, atom_mask=atom_mask, **out)
+
+
+_VIEW_FIELDS = ("status", "failure", "step", "energy", "cell", "stress")
+
+
+def _view(state, *flags):
+    """What the host reads of ``state`` between chunks: the per-system fields and ``flags``
+    in one wait; the per-atom fields' copies start now and are waited for only if read
+    (:meth:`Frames.from_state` reads them when systems finished)."""
+    for x in (state.positions, state.velocities, state.forces):
+        x.copy_to_host_async()
+    small, flags = jax.device_get(({f: getattr(state, f) for f in _VIEW_FIELDS}, flags))
+    view = types.SimpleNamespace(positions=state.positions, velocities=state.velocities,
+                                 forces=state.forces, **small)
+    return view, flags
 
 
 def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_steps: int | None = None,
@@ -142,71 +156,91 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
     t0 = time.perf_counter()
     batch = sampler.initial_batch(min_distance)
     state = dyn.init(batch, key)
-    capacity, dtype = batch.capacity, np.dtype(batch.dtype)
+    host = jax.device_get(batch)            # the host's copy of the batch, kept in step by refills
     exit_status = dyn.exit_status
+    observers = _observers(dyn)
     bar = _Progress(len(sampler), batch, unit="samples") if progress else None
     taken = chunks = refills = regrows = written = failed = 0
     occupancy, padding = [], []
+    view, _ = _view(state)
+    records = None                          # the last chunk's observer rows, not yet handed over
     try:
         while True:
-            status = np.asarray(state.status)
-            mask = np.asarray(batch.system_mask)
-            finished = mask & ((status == exit_status) | (status == status_codes.FAILED))
+            mask = host.system_mask
+            finished = mask & ((view.status == exit_status) | (view.status == status_codes.FAILED))
             freed = np.zeros_like(mask)
             if finished.any():
-                frames = Frames.from_state(state, batch, finished)
+                frames = Frames.from_state(view, host, finished)
                 rest = write_all(frames, sinks)
                 n_written = len(frames) - len(rest)
-                slots = np.flatnonzero(finished)[:n_written]
-                freed[slots] = True
+                freed[np.flatnonzero(finished)[:n_written]] = True
                 written += n_written
                 failed += int((frames.status[:n_written] == status_codes.FAILED).sum())
-            atom_mask = np.asarray(batch.atom_mask)
-            atom_freed = np.isin(np.asarray(batch.system_index), np.flatnonzero(freed))
-            free_atoms = np.flatnonzero(~atom_mask | atom_freed)
+            atom_freed = np.append(freed, False)[host.system_index]
+            free_atoms = np.flatnonzero(~host.atom_mask | atom_freed)
             free_slots = np.flatnonzero(~mask | freed)
             indices = sampler.take(len(free_slots), len(free_atoms)) if len(free_slots) else []
+            refilled = False
             if freed.any() or indices:
                 systems = sampler.systems(indices)
-                incoming = _incoming_arrays(systems, free_slots[:len(systems)], free_atoms, capacity, dtype)
-                state, batch = refill(dyn, state, batch, jnp.asarray(freed), incoming)
+                slots = free_slots[:len(systems)]
+                new = np.zeros_like(mask)
+                new[slots] = True
+                new_host = refilled_batch(host, freed, systems, slots, free_atoms)
+                new_batch, freed_d, new_d = jax.device_put((new_host, freed, new))
+                state, refill_overflow = refill(dyn, state, batch, new_batch, freed_d, new_d)
+                batch, host, refilled = new_batch, new_host, True
                 refills += 1
-                if bool(state.neighbors.overflow):
-                    state = _recompute(dyn, regrown(state, state, batch), batch)
-                    regrows += 1
+                # The statuses the refill set (new systems failing at once show up after the chunk).
+                view.status = np.where(new, dyn.status_code,
+                                       np.where(freed, status_codes.EMPTY, view.status)).astype(view.status.dtype)
             if bar is not None:
-                bar.update_samples(written, state, dyn)
-            running = bool(jnp.any(dyn.running(state, batch)))
-            if not running:
-                status = np.asarray(state.status)
-                mask = np.asarray(batch.system_mask)
-                waiting = mask & ((status == exit_status) | (status == status_codes.FAILED))
-                if sampler.exhausted and not mask.any():
+                bar.update_samples(written, view.status)
+            if not np.any(dyn.running(view, host)):
+                if refilled:
+                    view, _ = _view(state)
+                waiting = host.system_mask & ((view.status == exit_status) | (view.status == status_codes.FAILED))
+                if sampler.exhausted and not host.system_mask.any():
                     break
                 if waiting.any() and not indices and not freed.any():
+                    hand_over(observers, records)
+                    records = None
                     raise RuntimeError(f"the sinks are full: {int(waiting.sum())} finished systems cannot be "
                                        "written; add a sink or drain one")
                 continue
             if max_steps is not None and taken >= max_steps:
                 break
             limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - taken)
-            state, went, regrew = advance(dyn, state, batch, limit, refill_frequency)
+            chunk = dispatch(dyn, state, batch, limit, refill_frequency)
+            # Host work while the device runs the refill and the chunk.
+            hand_over(observers, records)
+            records = None
+            if hasattr(sampler, "prefetch"):
+                sampler.prefetch(len(indices))
+            view, (flags, refill_flag) = _view(chunk.state, chunk.flags, refill_overflow if refilled else False)
+            overflowed, went, _ = (int(x) for x in flags)
             chunks += 1
-            regrows += regrew
-            if regrew:
+            if overflowed:
+                # Redo the chunk from a larger list; if the refill itself overflowed, its
+                # forces were computed from missing pairs: compute them again.
+                regrows += 1
+                state = regrown(chunk.start, chunk.state, batch)
+                if refill_flag:
+                    state = _recompute(dyn, state, batch)
+                view, _ = _view(state)
                 continue
             taken += went
-            mask = np.asarray(batch.system_mask)
-            occupancy.append(mask.mean())
-            padding.append(np.asarray(batch.atom_mask).mean())
+            state, records = chunk.state, chunk.buffers
+            occupancy.append(host.system_mask.mean())
+            padding.append(host.atom_mask.mean())
+        hand_over(observers, records)
     finally:
         if bar is not None:
             bar.close()
     for sink in sinks:
         if hasattr(sink, "flush"):
             sink.flush()
-    mask = np.asarray(batch.system_mask)
-    unfinished = np.asarray(batch.sample_id)[mask].tolist()
+    unfinished = host.sample_id[host.system_mask].tolist()
     return InflightResult(state=state, batch=batch, steps=taken, written=written, failed=failed,
                           unfinished=unfinished, seconds=time.perf_counter() - t0, chunks=chunks,
                           refills=refills, regrows=regrows,

@@ -1,7 +1,14 @@
-"""The host-side run loop: compiled chunks of steps, overflow regrowth, observers, progress."""
+"""The host-side run loop: compiled chunks of steps, overflow regrowth, observers, progress.
+
+Chunks are dispatched ahead: chunk k + 1 is queued on the device before the host waits
+for chunk k, so the host's work between chunks (observers, progress) overlaps the
+device's. States are immutable, so a speculative chunk computed from a chunk that
+overflowed its neighbor list is simply dropped and redone after regrowth.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
@@ -23,7 +30,10 @@ def run_chunk(dyn, state, batch, limit, length: int):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped). Each observer hook's records are written, on due steps only, into
     a device buffer with one row per due step (``ceil(length / frequency) + 1`` rows), so
-    the host later fetches just those rows."""
+    the host later fetches just those rows.
+
+    Returns ``(state, (buffers, flags))``; ``flags (3,) int32`` = (neighbor-list overflow,
+    steps taken, any system still active): all the host needs, in one small fetch."""
     observers = _observers(dyn)
 
     def empty_buffer(hook):
@@ -54,7 +64,30 @@ def run_chunk(dyn, state, batch, limit, length: int):
 
     buffers = tuple(empty_buffer(h) for h in observers)
     (state, buffers), went = jax.lax.scan(body, (state, buffers), jnp.arange(length, dtype=jnp.int32))
-    return state, (buffers, went)
+    flags = jnp.stack([state.neighbors.overflow.astype(jnp.int32), went.sum(dtype=jnp.int32),
+                       jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
+    return state, (buffers, flags)
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A dispatched chunk: the state it started from, and its (maybe unfinished) results."""
+
+    start: object
+    state: object
+    buffers: tuple
+    flags: jax.Array
+
+    def settle(self) -> tuple[bool, int, bool]:
+        """Wait for the chunk: ``(overflowed, steps taken, any system still active)``."""
+        overflow, went, active = (int(x) for x in np.asarray(self.flags))
+        return bool(overflow), went, bool(active)
+
+
+def dispatch(dyn, state, batch, limit: int, length: int) -> Chunk:
+    """Queue one chunk on the device (returns at once; JAX dispatch is asynchronous)."""
+    new, (buffers, flags) = run_chunk(dyn, state, batch, limit, length=length)
+    return Chunk(state, new, buffers, flags)
 
 
 def regrown(start, overflowed, batch):
@@ -64,28 +97,16 @@ def regrown(start, overflowed, batch):
     return start.replace(neighbors=neighbors._build_jit(spec, start.positions, start.cell, batch))
 
 
-def advance(dyn, state, batch, limit: int, length: int):
-    """One compiled chunk from the host: ``(state, steps taken, regrew)``. On neighbor-list
-    overflow the chunk is dropped and ``state`` comes back with a larger list (redo it);
-    otherwise observers get their rows."""
-    new, (buffers, went) = run_chunk(dyn, state, batch, limit, length=length)
-    if bool(new.neighbors.overflow):
-        return regrown(state, new, batch), 0, True
-    hand_over(_observers(dyn), buffers)
-    return new, int(np.asarray(went).sum()), False
-
-
 def hand_over(observers, buffers) -> None:
-    """Give each observer the rows it recorded in the last chunk (only those cross to the host)."""
-    for hook, (rows, steps, count) in zip(observers, buffers):
+    """Give each observer the rows it recorded in a chunk. Every buffer comes over in one
+    ``device_get`` (the copies run together); unused rows are cut on the host."""
+    if not observers or buffers is None:
+        return
+    for hook, (rows, steps, count) in zip(observers, jax.device_get(buffers)):
         n = int(count)
         if n:
-            records = jax.tree.map(lambda x: np.asarray(x[:n]), rows)
-            hook.on_host(records, np.ones(n, bool), np.asarray(steps[:n]))
-
-
-def _any_active(dyn, state, batch) -> bool:
-    return bool(jnp.any(dyn.running(state, batch)))
+            records = jax.tree.map(lambda x: x[:n], rows)
+            hook.on_host(records, np.ones(n, bool), steps[:n])
 
 
 def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, progress=False):
@@ -100,20 +121,38 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
         state = dyn.init(batch, key)
     else:
         dyn.check(batch)
+    observers = _observers(dyn)
     bar = _Progress(max_steps, batch) if progress else None
     taken = chunks = regrows = 0
     try:
-        while taken < max_steps and _any_active(dyn, state, batch):
-            state, went, regrew = advance(dyn, state, batch, min(chunk_size, max_steps - taken), chunk_size)
+        if max_steps > 0 and bool(jnp.any(dyn.running(state, batch))):
+            current = dispatch(dyn, state, batch, min(chunk_size, max_steps), chunk_size)
+        else:
+            current = None
+        while current is not None:
+            # Speculatively queue the next chunk before waiting for this one. A chunk that
+            # took fewer steps than its limit left nothing active, so the next one's limit
+            # can assume this one took all of its steps.
+            limit = min(chunk_size, max_steps - taken)
+            ahead = max_steps - taken - limit
+            following = dispatch(dyn, current.state, batch, min(chunk_size, ahead), chunk_size) \
+                if ahead > 0 else None
+            overflowed, went, active = current.settle()
             chunks += 1
-            regrows += regrew
-            if regrew:
+            if overflowed:
+                # Drop this chunk and the one computed from it; redo from a larger list.
+                regrows += 1
+                current = dispatch(dyn, regrown(current.start, current.state, batch), batch, limit, chunk_size)
                 continue
             taken += went
+            state = current.state
+            if not (active and went == limit and following is not None):
+                following = None        # nothing left to run: the queued chunk did nothing
+            # Host work for chunk k while chunk k + 1 runs.
+            hand_over(observers, current.buffers)
             if bar is not None:
                 bar.update(taken, state, dyn)
-            if not went:
-                break
+            current = following
     finally:
         if bar is not None:
             bar.close()
@@ -147,8 +186,8 @@ class _Progress:
         self.bar.update(self.task, completed=taken,
                         info=f"{done}/{self.n_systems} done, {failed} failed")
 
-    def update_samples(self, written, state, dyn):
-        failed = int((np.asarray(state.status) == status_codes.FAILED).sum())
+    def update_samples(self, written, status):
+        failed = int((np.asarray(status) == status_codes.FAILED).sum())
         self.bar.update(self.task, completed=written, info=f"{failed} failed in batch")
 
     def close(self):

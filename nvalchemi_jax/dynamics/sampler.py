@@ -77,6 +77,7 @@ class SizeAwareSampler:
         self.lookahead = int(lookahead)
         self._pending = list(range(n))     # dataset indices not yet handed out, in order
         self.handed_out = 0
+        self._ready: dict[int, dict] = {}  # validated samples, from prefetch()
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -107,10 +108,29 @@ class SizeAwareSampler:
         self.handed_out += len(chosen)
         return chosen
 
+    def prefetch(self, count: int) -> None:
+        """Read and validate the next ``count`` pending samples ahead of :meth:`systems`
+        (the inflight loop calls this while the device runs a chunk, so the work
+        overlaps). A sample that fails validation is left for :meth:`systems` to report."""
+        todo = [i for i in self._pending[:max(int(count), 0)] if i not in self._ready]
+        if not todo:
+            return
+        try:
+            validated = self._validate(todo)
+        except (ValueError, TypeError):
+            return
+        self._ready.update(zip(todo, validated))
+
     def systems(self, indices: list[int]) -> list[dict]:
         """Validated per-system fields of the given samples (sample id = dataset index)."""
         if not indices:
             return []
+        missing = [i for i in indices if i not in self._ready]
+        if missing:
+            self._ready.update(zip(missing, self._validate(missing)))
+        return [self._ready.pop(i) for i in indices]
+
+    def _validate(self, indices: list[int]) -> list[dict]:
         fields = [_system_fields(self.dataset[i]) for i in indices]
         keys = ("positions", "atomic_numbers", "cell", "pbc", "velocities", "masses", "fixed", "tags", "charges")
         columns = {k: ([f.get(k) for f in fields] if any(k in f for f in fields) else None) for k in keys}
@@ -137,3 +157,4 @@ class SizeAwareSampler:
     def load_state_dict(self, state: dict) -> None:
         self._pending = list(state["pending"])
         self.handed_out = int(state["handed_out"])
+        self._ready = {}
