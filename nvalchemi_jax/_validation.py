@@ -82,8 +82,116 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
         named = ", ".join(f"system {i}" for i in np.flatnonzero(np.isin(ids, repeated))[:10])
         raise ValueError(f"field 'sample_ids' repeats ids {repeated[:10].tolist()} ({named})")
 
+    fields = dict(positions=positions, atomic_numbers=atomic_numbers, cell=cell, pbc=pbc,
+                  velocities=velocities, masses=masses, fixed=fixed, tags=tags, charges=charges)
+    systems = _validate_together(sample_ids, **fields)
+    if systems is None:      # something is off: the per-system checks name it
+        systems = _validate_each(sample_ids, **fields)
+    _check_cells(np.stack([s["cell"] for s in systems]), np.stack([s["pbc"] for s in systems]),
+                 sample_ids)
+    return systems
+
+
+def _stacked(values, n_sys, shape):
+    """Per-system arrays concatenated along atoms (``shape[0] == -1``) or stacked, with each
+    system's shape checked; ``None`` when a value is missing or anything does not fit."""
+    arrays = [np.asarray(v) if v is not None else None for v in values]
+    if any(a is None for a in arrays):
+        return None
+    if shape[0] == -1:
+        return arrays
+    # Checked per system: stacking would promote one system's bools or ints silently.
+    if not all(_real_dtype(d) for d in {a.dtype for a in arrays}):
+        return None
+    out = np.asarray(arrays)
+    return out if out.shape == (n_sys,) + shape else None
+
+
+def _real_dtype(dtype) -> bool:
+    return dtype != object and (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer))
+
+
+def _validate_together(sample_ids, *, positions, atomic_numbers, cell, pbc, velocities, masses,
+                       fixed, tags, charges) -> list[dict] | None:
+    """The checks of :func:`_validate_each` on all systems' atoms at once (per-system
+    Python checks took ~50 µs a system: 0.5 s for 10,000). Returns ``None`` when any check
+    fails (or an input is irregular) so that :func:`_validate_each` reports it by system."""
+    try:
+        z = [np.asarray(v) for v in atomic_numbers]
+        if any(a.ndim != 1 or len(a) == 0 for a in z) or not all(
+                d != bool and np.issubdtype(d, np.integer) for d in {a.dtype for a in z}):
+            return None
+        sizes = np.array([len(a) for a in z])
+        offsets = np.cumsum(sizes)[:-1]
+        z = np.concatenate(z)
+        if z.dtype == bool or not np.issubdtype(z.dtype, np.integer) or \
+                np.any((z < 1) | (z > MAX_ATOMIC_NUMBER)):
+            return None
+
+        def per_atom(values, width, default, real=True):
+            if values is None:
+                return np.zeros((len(z),) + width, default)
+            arrays = _stacked(values, len(sizes), (-1,))
+            if arrays is None or any(a.shape != (n,) + width for a, n in zip(arrays, sizes)):
+                raise _Irregular
+            dtypes = {a.dtype for a in arrays}
+            check = _real_dtype if real else (lambda d: d == default or (
+                default != bool and d != bool and np.issubdtype(d, np.integer)))
+            if not all(check(d) for d in dtypes):
+                raise _Irregular
+            out = np.concatenate(arrays)
+            if real:
+                out = out.astype(np.float64)
+                if not np.all(np.isfinite(out)):
+                    raise _Irregular
+            return out
+
+        pos = per_atom(positions, (3,), np.float64)
+        vel = per_atom(velocities, (3,), np.float64)
+        m = STANDARD_ATOMIC_MASSES[z] if masses is None else per_atom(masses, (), np.float64)
+        q = per_atom(charges, (), np.float64)
+        fx = per_atom(fixed, (), bool, real=False)
+        tg = per_atom(tags, (), np.int64, real=False)
+        if np.any(m <= 0):
+            return None
+        n_sys = len(sizes)
+        c = np.zeros((n_sys, 3, 3)) if cell is None else _stacked(cell, n_sys, (3, 3))
+        if c is None:
+            return None
+        c = c.astype(np.float64)
+        if not np.all(np.isfinite(c)):
+            return None
+        if pbc is None:
+            p = np.zeros((n_sys, 3), bool)
+        else:
+            p = [np.asarray(v) for v in pbc]
+            if any(a.dtype != bool for a in p):
+                return None
+            p = np.asarray([np.broadcast_to(a, (3,)) if a.ndim == 0 else a for a in p])
+            if p.shape != (n_sys, 3):
+                return None
+    except (_Irregular, ValueError, TypeError):
+        return None
+    bounds = list(zip([0, *offsets.tolist()], np.cumsum(sizes).tolist()))
+    split = lambda a: [a[lo:hi] for lo, hi in bounds]     # views (np.split is ~10x slower)
+    columns = dict(positions=split(pos), velocities=split(vel),
+                   atomic_numbers=split(z.astype(np.int32)), masses=split(m), fixed=split(fx),
+                   tags=split(tg.astype(np.int32)), charges=split(q))
+    return [dict(positions=columns["positions"][i], velocities=columns["velocities"][i],
+                 atomic_numbers=columns["atomic_numbers"][i], masses=columns["masses"][i],
+                 cell=c[i], pbc=p[i].copy(), fixed=columns["fixed"][i], tags=columns["tags"][i],
+                 charges=columns["charges"][i], sample_id=int(sample_ids[i]))
+            for i in range(n_sys)]
+
+
+class _Irregular(Exception):
+    """An input the all-at-once checks do not handle (the per-system ones will)."""
+
+
+def _validate_each(sample_ids, *, positions, atomic_numbers, cell, pbc, velocities, masses,
+                   fixed, tags, charges) -> list[dict]:
     systems = []
-    for i in range(n_sys):
+    for i in range(len(positions)):
         where = _where(i, sample_ids[i])
         z = np.asarray(atomic_numbers[i])
         if z.ndim != 1:
@@ -124,8 +232,6 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
         systems.append(dict(positions=pos, velocities=vel, atomic_numbers=z.astype(np.int32),
                             masses=m, cell=c, pbc=p.copy(), fixed=fx, tags=tg.astype(np.int32),
                             charges=q, sample_id=int(sample_ids[i])))
-    _check_cells(np.stack([s["cell"] for s in systems]), np.stack([s["pbc"] for s in systems]),
-                 sample_ids)
     return systems
 
 
