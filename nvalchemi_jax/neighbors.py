@@ -53,7 +53,7 @@ from flax import struct
 
 from nvalchemi_jax._linalg import inv3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
-from nvalchemi_jax import _pallas, cell_list_kernel, segments
+from nvalchemi_jax import _pallas, neighbor_kernels, segments
 
 METHODS = ("all_pairs", "cell_list")
 SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> largest |n|
@@ -282,6 +282,13 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
     i = jnp.arange(n_atoms, dtype=jnp.int32)
+    if _pallas.wanted(n_atoms):
+        indices, shifts, total, reach = neighbor_kernels.scan_systems(
+            positions, frac, frame, sys_i, order, start_i, candidates_i, images_i, radix_i,
+            reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
+            max_candidates=spec.max_candidates, shift_dtype=spec.shift_dtype)
+        needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
+        return indices, shifts, needed, reach
     block = min(spec.block_size, spec.max_candidates)
     n_blocks = -(-spec.max_candidates // block)
 
@@ -295,7 +302,8 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
                            image % radix_i[:, 2:3]], axis=-1)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
         dfrac = frac[j] - frac[:, None, :]
-        nearest = jnp.where(periodic[:, None, :], -jnp.round(dfrac), 0.0)
+        # floor(x + ½) rather than round (half to even): the GPU kernel's rounding too
+        nearest = jnp.where(periodic[:, None, :], -jnp.floor(dfrac + 0.5), 0.0)
         # One-flip systems: digit 1 is the image on the far side of the nearest one.
         away = jnp.where(dfrac + nearest >= 0, -1, 1)
         t = jnp.where(flip_i[:, None, None], digit * away, digit - reach_i[:, None, :])
@@ -385,7 +393,7 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
 def _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order, sorted_keys,
                      floor, stencil, need_r):
     """The stencil scan of :func:`_build_cell_list` as one GPU kernel: every atom's bins
-    located at once here, their candidates scanned by :mod:`nvalchemi_jax.cell_list_kernel`."""
+    located at once here, their candidates scanned by :func:`nvalchemi_jax.neighbor_kernels.scan_bins`."""
     n_atoms, t = positions.shape[0], len(stencil)
     periodic = gather_systems(batch.pbc, batch.system_index, False)[:, None, :]
     nb = nbins_i[:, None, :]
@@ -399,7 +407,7 @@ def _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order, s
     occupancy = jnp.where(inside, (hi - lo).reshape(n_atoms, t), 0)
     own = floor.astype(jnp.int32)
     base = jnp.where(periodic, image, 0) + own[:, None, :]
-    indices, shifts, total, reach = cell_list_kernel.scan_bins(
+    indices, shifts, total, reach = neighbor_kernels.scan_bins(
         positions, frame, batch.system_index, order, own, lo.reshape(n_atoms, t),
         jnp.minimum(occupancy, spec.max_atoms_per_bin), base, rc=spec.list_cutoff,
         max_neighbors=spec.max_neighbors, max_atoms_per_bin=spec.max_atoms_per_bin,

@@ -23,7 +23,8 @@ from nvalchemi_jax.models import pair_kernel
 
 
 def _crystals(seed=0):
-    """Two argon crystals (one triclinic), a krypton-argon alloy, and a slab."""
+    """Two argon crystals (one triclinic), a krypton-argon alloy, a slab, and a cell
+    thinner than the cutoff (5 images per axis: no one-flip shortcut, bin shift 2)."""
     rng = np.random.default_rng(seed)
     out = []
     for rep in ((3, 2, 2), (2, 2, 3)):
@@ -37,6 +38,7 @@ def _crystals(seed=0):
     slab = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat((3, 3, 2))
     slab.pbc = (True, True, False)
     out.append(slab)
+    out.append(ase.build.bulk("Ar", "fcc", a=5.26, cubic=True))   # thinner than the cutoff
     for a in out:
         a.positions += rng.normal(0, 0.1, a.positions.shape)
     return out
@@ -93,9 +95,13 @@ def test_compute_through_kernel_and_gradients(system, monkeypatch):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_cell_list_scan_matches_xla(system, monkeypatch):
-    """Same table, same order, same needs and shift reach, in both precisions' int8/int32."""
+@pytest.mark.parametrize("method", ["cell_list", "all_pairs"])
+def test_scans_match_xla(system, monkeypatch, method):
+    """Same table, same order, same needs and shift reach, with int8 and int32 shifts.
+    The all-pairs batch mixes one-flip systems (2 images per axis) with the slab."""
     batch, nl = system
+    if method == "all_pairs":
+        _, nl = neighbors.allocate(batch, 8.5, skin=0.5, method="all_pairs")
     for shift_dtype in ("int8", "int32"):
         spec = nl.spec.__class__(**{**nl.spec.__dict__, "shift_dtype": shift_dtype})
         monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
@@ -108,10 +114,13 @@ def test_cell_list_scan_matches_xla(system, monkeypatch):
         assert int(np.asarray(got.indices < batch.num_atoms).sum()) > 0
 
 
-def test_cell_list_scan_reports_overflow(system, monkeypatch):
+@pytest.mark.parametrize("method", ["cell_list", "all_pairs"])
+def test_scans_report_overflow(system, monkeypatch, method):
     """A row width too small: the kernel drops nothing silently (needed > K, so the list
     overflows and the caller regrows), and keeps the first K neighbors as XLA does."""
     batch, nl = system
+    if method == "all_pairs":
+        _, nl = neighbors.allocate(batch, 8.5, skin=0.5, method="all_pairs")
     spec = nl.spec.__class__(**{**nl.spec.__dict__, "max_neighbors": 40})
     monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
     got = neighbors.build(spec, batch.positions, batch.cell, batch)
