@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The committed GPU measurements, each workload bounded by a timeout so that one device
-# call (10 minutes at most) finishes: `profile` = per-kernel tables of the step, both
-# force-pass variants (~4 min), `part1` = W1 + W2 (~6 min), `part2` = W3 (ours, then the
-# peers), W4, W5 (~8 min). Run from the repository root on the H200 after
-# install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
+# call (10 minutes at most) finishes: `profile` = per-kernel tables of the step and the
+# fused kernels' block shapes (~4 min), `part1` = W1 + W2 with the peers (~6 min),
+# `part2` = W3, W4, W5 and the neighbor-method profile (~5 min), `part2-peers` = W3's
+# peers (nvalchemi's inflight and fixed runs; long). Each part first checks the fused
+# kernels against the XLA forms on this GPU and falls back to the XLA forms if they
+# disagree. Run from the repository root on the H200 after install_peers.sh; results
+# (JSON lines + logs) go to $2 (default benchmarks/results).
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
 set -uo pipefail
@@ -19,12 +22,15 @@ run() {  # name, seconds, script and its arguments
   timeout "$limit" python3 "$@" --out "$out/${name}_h200_$day.jsonl" > "$out/$name.log" 2>&1
   echo "$name: exit $? ($(grep -c . "$out/${name}_h200_$day.jsonl" 2>/dev/null || echo 0) rows)"
 }
+kernels="check_kernels_$part"
+if ! timeout 120 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1; then
+  echo "fused kernels failed their check (see $kernels.log): XLA forms for this part"
+  export NVALCHEMI_JAX_KERNELS=xla
+fi
 case $part in
   profile)
-    for sums in separate variadic; do
-      run "profile_step_$sums" 200 profile_step.py --batches 1 1024 --big 32000 256000 --skin 1.0 \
-        --trace --row-sums "$sums"
-    done ;;
+    run profile_step 230 profile_step.py --batches 1 1024 --big 32000 256000 --skin 1.0 \
+      --trace --blocks 32x16x4 64x16x4 32x32x4 16x16x4 32x8x4 ;;
   part1)
     run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50
     run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
@@ -33,7 +39,9 @@ case $part in
       --mixed-batch 128 --fused-count 500 --peers
     run w4_hooks 60 bench_w4_hooks.py --batches 1024 --steps 300
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
-    run w3_relax_peers 240 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
+    run profile_step_methods 100 profile_step.py --batches 1024 4096 --skin 1.0 --method cell_list ;;
+  part2-peers)
+    run w3_relax_peers 500 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:fixed nvalchemi:inflight ase --ase-count 10 ;;
-  *) echo "unknown part $part (profile, part1 or part2)"; exit 2 ;;
+  *) echo "unknown part $part (profile, part1, part2 or part2-peers)"; exit 2 ;;
 esac
