@@ -122,7 +122,7 @@ def inflight(positions, cells, batch_size, fmax, skin, refill, atoms_per_slot):
     frames = sink.read()
     seconds = time.perf_counter() - t0
     order = np.argsort(frames.sample_id)
-    extra = {"refills": result.refills, "occupancy": result.occupancy,
+    extra = {"refills": result.refills, "regrows": result.regrows, "occupancy": result.occupancy,
              "padding_efficiency": result.padding_efficiency, "engine_steps": result.steps}
     return seconds, frames.step[order], frames.status[order] >= 0, extra
 
@@ -163,6 +163,8 @@ def ours_workloads(a, pos, cells, few, report):
     report(summary("inflight", mpos, steps, conv, sec, dataset="mixed 32-500", batch_size=a.mixed_batch,
                    refill_frequency=a.refill, **extra, **info))
 
+    if a.fused_count < 1:
+        return
     fpos, fcells = pos[:a.fused_count], cells[:a.fused_count]
     fused = relax(a.fmax, a.skin) + NVTLangevin(MODEL, dt=5.0, temperature=40.0, friction=0.01,
                                                 n_steps=a.fused_steps, skin=a.skin)

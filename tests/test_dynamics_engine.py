@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nvalchemi_jax import neighbors
+from nvalchemi_jax.dynamics import run as run_module
 from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, Hook, Stage, status
 from nvalchemi_jax.models import LennardJones
 
@@ -210,3 +211,72 @@ def test_neighbor_overflow_regrows_and_redoes_the_chunk(x64):
                                 neighbors=neighbors.build(spec, batch.positions, batch.cell, batch))
     again = md.run(batch, state=fixed_start).state
     np.testing.assert_allclose(again.positions, reference.positions, atol=1e-12)
+
+
+def _recording_observer(seen, frequency):
+    """An observer whose host side keeps (steps, energies, positions) of every hand-over."""
+    def on_host(records, due, steps):
+        seen.append((steps.tolist(), np.array(records["energy"]), np.array(records["positions"])))
+    return Hook(record=lambda s, b, ctx: {"energy": s.energy, "positions": s.positions},
+                on_host=on_host, frequency=frequency)
+
+
+def test_next_chunk_is_queued_before_records_are_handed_over(monkeypatch):
+    """The run loop queues chunk k + 1 before giving chunk k's rows to observers (host work
+    overlaps device work), and the rows are those of a plain chunk-after-chunk loop."""
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3)], temperature=30.0)
+    events, seen = [], []
+    original = run_module.dispatch
+
+    def spy(*args, **kwargs):
+        events.append("dispatch")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "dispatch", spy)
+    observer = _recording_observer(seen, frequency=4)
+    md = NVE(model=LJ, dt=2.0, n_steps=25,
+             hooks=[observer, Hook(record=lambda s, b, ctx: {}, frequency=4,
+                                   on_host=lambda r, d, steps: events.append(steps.tolist()))])
+    state = md.init(batch)
+    result = md.run(batch, state=state, chunk_size=10)
+    assert events == ["dispatch", "dispatch", [0, 4, 8], "dispatch", [12, 16], [20, 24]]
+    assert result.steps == 25 and result.chunks == 3
+
+    # Reference: one chunk at a time, each handed over before the next is started.
+    reference, s, taken = [], state, 0
+    while taken < 25:
+        s, (buffers, flags) = run_module.run_chunk(md, s, batch, min(10, 25 - taken), length=10)
+        rows, steps, count = buffers[0]
+        n = int(count)
+        reference.append((np.asarray(steps[:n]).tolist(), np.asarray(rows["energy"][:n]),
+                          np.asarray(rows["positions"][:n])))
+        taken += int(flags[1])
+    assert [r[0] for r in seen] == [r[0] for r in reference]
+    for (_, e, p), (_, e_ref, p_ref) in zip(seen, reference):
+        np.testing.assert_array_equal(e, e_ref)
+        np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_array_equal(result.state.positions, s.positions)
+
+
+def test_overflow_drops_the_queued_chunk_and_keeps_records_in_order(x64):
+    """Chunk 1 overflows its neighbor list; chunk 2, already queued from chunk 1's result, is
+    dropped with it. Observers see each due step once, in order, with the values of a run
+    that had the grown list from the start (the initial forces, which missed pairs, are
+    computed again)."""
+    batch = argon_batch(temperature=30.0)
+    seen = []
+    md = NVE(model=LJ, dt=3.0, n_steps=9, hooks=[_recording_observer(seen, frequency=2)])
+    spec, _ = neighbors.allocate(batch, cutoff=LJ.cutoff, skin=md.skin)
+    state = md.init(batch, neighbor_spec=dataclasses.replace(spec, max_neighbors=10))
+    result = md.run(batch, state=state, chunk_size=3)
+    assert result.regrows == 1 and result.steps == 9
+    assert [step for steps, _, _ in seen for step in steps] == [0, 2, 4, 6, 8]
+
+    seen_ref = []
+    reference = NVE(model=LJ, dt=3.0, n_steps=9, hooks=[_recording_observer(seen_ref, frequency=2)])
+    grown = result.state.neighbors.spec
+    out = reference.run(batch, state=reference.init(batch, neighbor_spec=grown), chunk_size=3)
+    assert out.regrows == 0
+    energies = np.concatenate([e for _, e, _ in seen])
+    np.testing.assert_allclose(energies, np.concatenate([e for _, e, _ in seen_ref]), rtol=1e-12)
+    np.testing.assert_allclose(result.state.positions, out.state.positions, atol=1e-12)

@@ -229,3 +229,76 @@ def test_frames_to_batch_round_trip():
         np.testing.assert_array_equal(np.asarray(getattr(again, f)), np.asarray(getattr(batch, f)))
     with pytest.raises(ValueError, match="sample ids repeat"):
         Frames.concatenate([frames, frames]).to_batch()
+
+
+def test_inflight_hands_each_chunk_over_once_in_order():
+    """Observer rows of an inflight run: every engine step once, in step order (a chunk's
+    rows are handed over while the next refill and chunk run)."""
+    seen = []
+    observer = Hook(record=lambda s, b, ctx: {"sample_id": b.sample_id}, frequency=1,
+                    on_host=lambda records, due, steps: seen.append(steps.tolist()))
+    dyn = staggered_nve()
+    dyn = NVE(LJ, dt=2.0, convergence=dyn.convergence, hooks=[observer])
+    result = dyn.run(sampler=SizeAwareSampler(clusters(300, seed=3), nj.Capacity(16, 208)),
+                     sinks=[HostMemory()], refill_frequency=3)
+    assert len(seen) == result.chunks
+    assert [s for chunk in seen for s in chunk] == list(range(result.steps))
+
+
+def test_inflight_refill_that_overflows_the_neighbor_list_regrows(x64):
+    """The first batch holds 4-atom clusters (a narrow list); later 13-atom ones overflow it
+    at a refill. The list grows, nothing is lost, and every sample ends as it does in one
+    fixed batch of all samples (whose list was sized for all of them)."""
+    dataset = clusters(16, seed=1, low=4, high=5) + clusters(40, seed=2, low=13, high=14)
+    dyn = staggered_nve()
+    sink = HostMemory()
+    result = dyn.run(sampler=SizeAwareSampler(dataset, nj.Capacity(16, 208)), sinks=[sink], refill_frequency=2)
+    assert result.regrows >= 1 and result.written == len(dataset)
+    frames = sink.read()
+    frames = frames.select(np.argsort(frames.sample_id))
+    np.testing.assert_array_equal(frames.sample_id, np.arange(len(dataset)))
+
+    batch = nj.Batch.from_arrays(positions=[d["positions"] for d in dataset],
+                                 atomic_numbers=[d["atomic_numbers"] for d in dataset])
+    fixed = dyn.run(batch, max_steps=10)
+    assert fixed.regrows == 0 and fixed.converged[np.asarray(batch.system_mask)].all()
+    reference = Frames.from_state(fixed.state, batch, np.asarray(batch.system_mask))
+    np.testing.assert_array_equal(frames.step, reference.step)
+    np.testing.assert_allclose(frames.energy, reference.energy, rtol=1e-10)
+    np.testing.assert_allclose(frames.positions, reference.positions, atol=1e-10)
+
+
+def test_sampler_prefetch_gives_the_same_systems_and_leaves_errors_to_systems():
+    dataset = clusters(6)
+    dataset[4] = {**dataset[4], "positions": np.full_like(dataset[4]["positions"], np.nan)}
+    plain = SizeAwareSampler(dataset, nj.Capacity(8, 100))
+    ahead = SizeAwareSampler(dataset, nj.Capacity(8, 100))
+    ahead.prefetch(6)                               # sample 4 is bad: nothing cached, no error yet
+    ahead.prefetch(3)
+    assert set(ahead._ready) == {0, 1, 2}
+    for a, b in zip(ahead.systems([0, 1, 2]), plain.systems([0, 1, 2])):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not ahead._ready
+    with pytest.raises(ValueError, match=r"sample_id 4\).*non-finite"):
+        ahead.systems([3, 4])
+
+
+def test_frames_from_state_with_scattered_atoms(x64):
+    """Atoms of a system need not be contiguous or sorted (inflight refills scatter them):
+    each frame holds its system's atoms in index order, frames in slot order."""
+    batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3), (1, 2, 2)], sample_ids=[5, 6, 7])
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(batch.num_atoms)
+    scattered = jax.tree.map(lambda x: x[perm] if x.shape[:1] == (batch.num_atoms,) else x, batch)
+    state = NVE(LJ, dt=2.0).init(scattered)
+    chosen = np.zeros(batch.num_systems, bool)
+    chosen[[0, 2]] = True
+    frames = Frames.from_state(state, scattered, chosen)
+    index = np.asarray(scattered.system_index)
+    for f, slot in enumerate([0, 2]):
+        atoms = np.flatnonzero(index == slot)
+        np.testing.assert_array_equal(frames.positions[frames.offsets[f]:frames.offsets[f + 1]],
+                                      np.asarray(state.positions)[atoms])
+    np.testing.assert_array_equal(frames.sample_id, [5, 7])
+    np.testing.assert_array_equal(frames.n_atoms, [32, 16])

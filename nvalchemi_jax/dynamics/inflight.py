@@ -69,7 +69,7 @@ class InflightResult:
 def refill(dyn, state, old, batch, freed, new):
     """The state for ``batch`` (the refilled batch, built on the host): ``freed (S,)`` slots
     of ``old`` cleared, ``new (S,)`` slots started. Fixed shapes: never recompiles.
-    Returns ``(state, overflow)`` (the new systems' neighbor rows may overflow the list)."""
+    The new systems' neighbor rows may overflow the list: the next chunk's flags tell."""
     n_atoms = batch.num_atoms
     atom_freed = gather_systems(freed, old.system_index, False)
     new_atom = gather_systems(new, batch.system_index, False)
@@ -88,8 +88,7 @@ def refill(dyn, state, old, batch, freed, new):
     state = state.replace(stage=blend_stage(new, dyn.init_stage(state, batch), state.stage, batch))
     state = dyn.compute(state, batch)
     state = state.replace(previous_energy=jnp.where(new, jnp.inf, state.previous_energy))
-    state = dyn._mark_failures(state, state, batch, new)
-    return state, state.neighbors.overflow
+    return dyn._mark_failures(state, state, batch, new)
 
 
 _ATOM_FILL = {"positions": 0.0, "velocities": 0.0, "atomic_numbers": 0, "masses": 1.0, "fixed": False,
@@ -134,7 +133,7 @@ def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: n
 _VIEW_FIELDS = ("status", "failure", "step", "energy", "cell", "stress")
 
 
-def _view(state, *flags):
+def _view(state, flags=None):
     """What the host reads of ``state`` between chunks: the per-system fields and ``flags``
     in one wait; the per-atom fields' copies start now and are waited for only if read
     (:meth:`Frames.from_state` reads them when systems finished)."""
@@ -188,7 +187,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 new[slots] = True
                 new_host = refilled_batch(host, freed, systems, slots, free_atoms)
                 new_batch, freed_d, new_d = jax.device_put((new_host, freed, new))
-                state, refill_overflow = refill(dyn, state, batch, new_batch, freed_d, new_d)
+                state = refill(dyn, state, batch, new_batch, freed_d, new_d)
                 batch, host, refilled = new_batch, new_host, True
                 refills += 1
                 # The statuses the refill set (new systems failing at once show up after the chunk).
@@ -217,16 +216,13 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             records = None
             if hasattr(sampler, "prefetch"):
                 sampler.prefetch(len(indices))
-            view, (flags, refill_flag) = _view(chunk.state, chunk.flags, refill_overflow if refilled else False)
+            view, flags = _view(chunk.state, chunk.flags)
             overflowed, went, _ = (int(x) for x in flags)
             chunks += 1
             if overflowed:
-                # Redo the chunk from a larger list; if the refill itself overflowed, its
-                # forces were computed from missing pairs: compute them again.
+                # Redo the chunk from a larger list (forces again too if the refill overflowed).
                 regrows += 1
-                state = regrown(chunk.start, chunk.state, batch)
-                if refill_flag:
-                    state = _recompute(dyn, state, batch)
+                state = regrown(dyn, chunk.start, chunk.state, batch)
                 view, _ = _view(state)
                 continue
             taken += went
@@ -247,7 +243,3 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                           occupancy=float(np.mean(occupancy)) if occupancy else 0.0,
                           padding_efficiency=float(np.mean(padding)) if padding else 0.0)
 
-
-@jax.jit
-def _recompute(dyn, state, batch):
-    return dyn.compute(state, batch)

@@ -29,15 +29,16 @@ def _observers(dyn):
 def run_chunk(dyn, state, batch, limit, length: int):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped). Each observer hook's records are written, on due steps only, into
-    a device buffer with one row per due step (``ceil(length / frequency) + 1`` rows), so
-    the host later fetches just those rows.
+    a device buffer with one row per due step (``length`` consecutive steps hold at most
+    ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
+    just those rows.
 
     Returns ``(state, (buffers, flags))``; ``flags (3,) int32`` = (neighbor-list overflow,
     steps taken, any system still active): all the host needs, in one small fetch."""
     observers = _observers(dyn)
 
     def empty_buffer(hook):
-        rows = min(length, -(-length // hook.frequency) + 1)
+        rows = -(-length // hook.frequency)
         ctx = HookContext(step=state.global_step, active=batch.system_mask, converged=batch.system_mask)
         shape = jax.eval_shape(lambda s: hook.record(s, batch, ctx), state)
         return (jax.tree.map(lambda x: jnp.zeros((rows,) + x.shape, x.dtype), shape),
@@ -85,16 +86,33 @@ class Chunk:
 
 
 def dispatch(dyn, state, batch, limit: int, length: int) -> Chunk:
-    """Queue one chunk on the device (returns at once; JAX dispatch is asynchronous)."""
+    """Queue one chunk on the device (returns at once; JAX dispatch is asynchronous). The
+    copies of its records to the host are queued too, ahead of any later chunk, so
+    that handing them over never waits for the chunk queued after this one."""
     new, (buffers, flags) = run_chunk(dyn, state, batch, limit, length=length)
+    for leaf in jax.tree.leaves((buffers, flags)):
+        leaf.copy_to_host_async()
     return Chunk(state, new, buffers, flags)
 
 
-def regrown(start, overflowed, batch):
+def regrown(dyn, start, overflowed, batch):
     """``start`` with a neighbor list large enough for what ``overflowed`` needed, rebuilt at
-    the chunk's start (a new shape: one recompilation), so the chunk can be redone."""
-    spec = neighbors.grow(overflowed.neighbors)
-    return start.replace(neighbors=neighbors._build_jit(spec, start.positions, start.cell, batch))
+    the chunk's start (a new shape: one recompilation), so the chunk can be redone. Grown
+    again while the rebuilt list still overflows (a truncated build under-reports the
+    neighbors per atom). If ``start``'s own list had overflowed (a refill, or a state made
+    with a small list), its forces missed pairs: they are computed again."""
+    nl = overflowed.neighbors
+    for _ in range(8):
+        nl = neighbors._build_jit(neighbors.grow(nl), start.positions, start.cell, batch)
+        if not bool(nl.overflow):
+            state = start.replace(neighbors=nl)
+            return _recompute(dyn, state, batch) if bool(start.neighbors.overflow) else state
+    raise RuntimeError(f"the neighbor list still overflows after growing to {nl.spec}")
+
+
+@jax.jit
+def _recompute(dyn, state, batch):
+    return dyn.compute(state, batch)
 
 
 def hand_over(observers, buffers) -> None:
@@ -142,7 +160,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             if overflowed:
                 # Drop this chunk and the one computed from it; redo from a larger list.
                 regrows += 1
-                current = dispatch(dyn, regrown(current.start, current.state, batch), batch, limit, chunk_size)
+                current = dispatch(dyn, regrown(dyn, current.start, current.state, batch), batch, limit, chunk_size)
                 continue
             taken += went
             state = current.state
