@@ -55,12 +55,15 @@ def run_chunk(dyn, state, batch, limit, length: int):
         ctx = HookContext(step=before, active=active, converged=converged)
         new_buffers = []
         for hook, (rows, steps, count) in zip(observers, buffers):
-            def write(args, hook=hook):
-                rows, steps, count = args
-                record = hook.record(state, batch, ctx)
-                rows = jax.tree.map(lambda buf, r: buf.at[count].set(r), rows, record)
-                return rows, steps.at[count].set(before), count + 1
-            new_buffers.append(jax.lax.cond(go & hook.due(before), write, lambda a: a, (rows, steps, count)))
+            # Branch-free: the record is taken every step and written to row `count` on due
+            # steps, else to a row past the end (dropped). A lax.cond here costs a device ->
+            # host round trip per step on a GPU (its predicate is read by the host).
+            due = go & hook.due(before)
+            slot = jnp.where(due, count, steps.shape[0])
+            record = hook.record(state, batch, ctx)
+            rows = jax.tree.map(lambda buf, r: buf.at[slot].set(r, mode="drop"), rows, record)
+            new_buffers.append((rows, steps.at[slot].set(before, mode="drop"),
+                                count + due.astype(count.dtype)))
         return (state, tuple(new_buffers)), go
 
     buffers = tuple(empty_buffer(h) for h in observers)
