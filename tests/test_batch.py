@@ -738,3 +738,41 @@ def test_for_systems_rejects_bad_arguments(kwargs):
     (10 x 10 atoms -> Capacity(5, 64)); atom_multiple=0 raises ZeroDivisionError."""
     with pytest.raises(ValueError):
         Capacity.for_systems([10] * 10, **kwargs)
+
+
+def test_all_at_once_checks_match_per_system_checks():
+    """The batched validation (used when every system is regular) returns exactly what the
+    per-system checks return, for full inputs, defaults, int positions and scalar pbc;
+    and a system whose field is missing or of another dtype falls back to them."""
+    from nvalchemi_jax import _validation
+
+    rng = np.random.default_rng(3)
+    sizes = [3, 1, 5]
+    fields = dict(
+        positions=[rng.normal(size=(n, 3)) for n in sizes[:2]] + [np.arange(15).reshape(5, 3)],
+        atomic_numbers=[rng.integers(1, 90, n) for n in sizes],
+        cell=[np.eye(3) * 9.0, np.zeros((3, 3)), np.diag([7, 8, 9])],
+        pbc=[np.ones(3, bool), False, np.array([True, True, False])],
+        velocities=[rng.normal(size=(n, 3)) for n in sizes],
+        masses=[rng.uniform(1, 50, n) for n in sizes],
+        fixed=[rng.integers(0, 2, n).astype(bool) for n in sizes],
+        tags=[rng.integers(0, 9, n) for n in sizes],
+        charges=[rng.normal(size=n) for n in sizes])
+    ids = [7, 3, 11]
+    for drop in (None, "velocities", "masses", "fixed", "tags", "charges", "cell", "pbc"):
+        given = {k: (None if k == drop else v) for k, v in fields.items()}
+        together = _validation._validate_together(ids, **given)
+        assert together is not None, drop
+        each = _validation._validate_each(ids, **given)
+        assert len(together) == len(each) == 3
+        for a, b in zip(together, each):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} ({drop})")
+                assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype, key
+    # irregular: one system without velocities, one with float tags, one bool position array
+    for key, value in (("velocities", [fields["velocities"][0], None, fields["velocities"][2]]),
+                       ("tags", [fields["tags"][0], np.zeros(1), fields["tags"][2]]),
+                       ("positions", [fields["positions"][0], np.ones((1, 3), bool),
+                                      fields["positions"][2]])):
+        assert _validation._validate_together(ids, **{**fields, key: value}) is None, key
