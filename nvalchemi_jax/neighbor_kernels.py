@@ -138,15 +138,32 @@ class _Rows:
             _pallas.store(reach_out, row * 3 + a, reach[a], live)
 
 
-def _frame_rows(frame_ref, system):
-    """``frame[r][a] (B, 1)``: lattice row r, component a, of each atom's system."""
+def frame_rows(frame_ref, system):
+    """In a kernel: ``frame[r][a] (B, 1)``, lattice row r, component a, of each atom's
+    system, from a flat ``(S * 9,)`` ref."""
     return [[frame_ref[system * 9 + 3 * r + a][:, None] for a in range(3)] for r in range(3)]
 
 
-def _displacements(x_j, x_i, shift, frame):
+def displacements(x_j, x_i, shift, frame):
+    """Pair vectors ``d = x_j - x_i + Σ_r shift_r frame_r`` as three components, and |d|²."""
     d = [x_j[a] - x_i[a] + shift[0] * frame[0][a] + shift[1] * frame[1][a]
          + shift[2] * frame[2][a] for a in range(3)]
     return d, d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+
+
+def image_digits(image, radix_1, radix_2):
+    """Mixed-radix digits (per axis) of an all-pairs image number."""
+    return [image // (radix_1 * radix_2), (image // radix_2) % radix_1, image % radix_2]
+
+
+def image_shift(dfrac, digit, periodic, flip, reach):
+    """All-pairs lattice shift along one axis (elementwise; the XLA form and the kernel
+    share it): the nearest image of a fractional separation ``dfrac`` (floor(x + ½):
+    Triton has no round-half-even), then digit 0 and 1 = that image and the one on its
+    far side in one-flip systems, else digits 0 .. 2 reach = shifts -reach .. reach."""
+    nearest = jnp.where(periodic, -jnp.floor(dfrac + 0.5), 0.0)
+    away = jnp.where(dfrac + nearest >= 0, -1, 1)
+    return nearest.astype(jnp.int32) + jnp.where(flip, digit * away, digit - reach)
 
 
 def _bins_kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_floor_ref,
@@ -156,7 +173,7 @@ def _bins_kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_
     live = at_row < rows.n
     i = order_ref[jnp.where(live, at_row, 0)]          # this program's atoms, in bin order
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
-    frame = _frame_rows(frame_ref, jnp.clip(sys_ref[i], 0, s - 1))
+    frame = frame_rows(frame_ref, jnp.clip(sys_ref[i], 0, s - 1))
     m = jnp.arange(tile, dtype=jnp.int32)[None, :]
 
     def offset(o, carry):
@@ -167,7 +184,7 @@ def _bins_kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_
         shift = [base_ref[at * 3 + a][:, None] - _pallas.load(sorted_floor_ref, q * 3 + a, valid, 0)
                  for a in range(3)]
         x_j = [_pallas.load(sorted_pos_ref, q * 3 + a, valid, 0.0) for a in range(3)]
-        _, d2 = _displacements(x_j, x_i, shift, frame)
+        _, d2 = displacements(x_j, x_i, shift, frame)
         self_pair = (j == i[:, None]) & (shift[0] == 0) & (shift[1] == 0) & (shift[2] == 0)
         return rows.append(outs, i, carry, j, shift, valid & (d2 < rc2) & ~self_pair)
 
@@ -184,7 +201,7 @@ def _systems_kernel(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref,
     col = lambda ref: ref[i][:, None]
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
     f_i = [frac_ref[i * 3 + a][:, None] for a in range(3)]
-    frame = _frame_rows(frame_ref, jnp.clip(sys_ref[i], 0, s - 1))
+    frame = frame_rows(frame_ref, jnp.clip(sys_ref[i], 0, s - 1))
     start, cand, images, flip = col(start_ref), col(cand_ref), col(images_ref), col(flip_ref)
     radix = [radix_ref[i * 3 + a][:, None] for a in range(3)]
     reach = [reach_ref[i * 3 + a][:, None] for a in range(3)]
@@ -195,18 +212,12 @@ def _systems_kernel(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref,
         m = b * tile + m0
         valid = live[:, None] & (m < cand)
         image = m % images
-        digit = [image // (radix[1] * radix[2]), (image // radix[2]) % radix[1], image % radix[2]]
+        digit = image_digits(image, radix[1], radix[2])
         j = _pallas.load(order_ref, jnp.where(valid, start + m // images, 0), valid, 0)
-        shift, x_j = [], []
-        for a in range(3):
-            dfrac = _pallas.load(frac_ref, j * 3 + a, valid, 0.0) - f_i[a]
-            nearest = jnp.where(periodic[a], -jnp.floor(dfrac + 0.5), 0.0)
-            # one-flip systems: digit 1 is the image on the far side of the nearest one
-            away = jnp.where(dfrac + nearest >= 0, -1, 1)
-            shift.append(nearest.astype(jnp.int32)
-                         + jnp.where(flip != 0, digit[a] * away, digit[a] - reach[a]))
-            x_j.append(_pallas.load(pos_ref, j * 3 + a, valid, 0.0))
-        _, d2 = _displacements(x_j, x_i, shift, frame)
+        shift = [image_shift(_pallas.load(frac_ref, j * 3 + a, valid, 0.0) - f_i[a], digit[a],
+                             periodic[a], flip != 0, reach[a]) for a in range(3)]
+        x_j = [_pallas.load(pos_ref, j * 3 + a, valid, 0.0) for a in range(3)]
+        _, d2 = displacements(x_j, x_i, shift, frame)
         self_pair = (j == i[:, None]) & (shift[0] == 0) & (shift[1] == 0) & (shift[2] == 0)
         return rows.append(outs, i, carry, j, shift, valid & (d2 < rc2) & ~self_pair)
 

@@ -297,17 +297,11 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
         valid = m[None, :] < candidates_i[:, None]
         atom = m[None, :] // images_i[:, None]
         image = m[None, :] % images_i[:, None]
-        digit = jnp.stack([image // (radix_i[:, 1:2] * radix_i[:, 2:3]),
-                           (image // radix_i[:, 2:3]) % radix_i[:, 1:2],
-                           image % radix_i[:, 2:3]], axis=-1)
+        digit = jnp.stack(neighbor_kernels.image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3]),
+                          axis=-1)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
-        dfrac = frac[j] - frac[:, None, :]
-        # floor(x + ½) rather than round (half to even): the GPU kernel's rounding too
-        nearest = jnp.where(periodic[:, None, :], -jnp.floor(dfrac + 0.5), 0.0)
-        # One-flip systems: digit 1 is the image on the far side of the nearest one.
-        away = jnp.where(dfrac + nearest >= 0, -1, 1)
-        t = jnp.where(flip_i[:, None, None], digit * away, digit - reach_i[:, None, :])
-        n = nearest.astype(jnp.int32) + t
+        n = neighbor_kernels.image_shift(frac[j] - frac[:, None, :], digit, periodic[:, None, :],
+                                         flip_i[:, None, None], reach_i[:, None, :])
         ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
         return _append(carry, j, n, ok), None
 
@@ -361,57 +355,36 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     i = jnp.arange(n_atoms, dtype=jnp.int32)
 
     r = spec.max_image_shift
-    stencil = np.array(list(itertools.product(range(-r, r + 1), repeat=3)), np.int32)
-    if _pallas.wanted(n_atoms):
-        return _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order,
-                                sorted_keys, floor, stencil, need_r)
-    m = jnp.arange(m_bin, dtype=jnp.int32)
-
-    def body(carry, o):
-        state, most = carry
-        c = b + o
-        image = jnp.floor_divide(c, nbins_i)
-        inside = jnp.all(periodic | (image == 0), axis=-1) & batch.atom_mask
-        c = c - image * nbins_i
-        key = key_of(c, nbins_i)
-        lo = jnp.searchsorted(sorted_keys, key, side="left", method=_search_method()).astype(jnp.int32)
-        hi = jnp.searchsorted(sorted_keys, key, side="right", method=_search_method()).astype(jnp.int32)
-        occupancy = jnp.where(inside, hi - lo, 0)
-        valid = m[None, :] < jnp.minimum(occupancy, m_bin)[:, None]
-        j = order[jnp.clip(lo[:, None] + m[None, :], 0, n_atoms - 1)]
-        image = jnp.where(periodic, image, 0)
-        n = (image + floor.astype(jnp.int32))[:, None, :] - floor.astype(jnp.int32)[j]
-        ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
-        return (_append(state, j, n, ok), jnp.maximum(most, jnp.max(occupancy))), None
-
-    init = (_empty_rows(spec, n_atoms), jnp.int32(0))
-    ((indices, shifts, total, reach), most), _ = jax.lax.scan(body, init, jnp.asarray(stencil))
-    needed = jnp.stack([jnp.max(total), jnp.int32(0), most, need_r])
-    return indices, shifts, needed, reach
-
-
-def _scan_bins_fused(spec, positions, batch, frame, b, nbins_i, key_of, order, sorted_keys,
-                     floor, stencil, need_r):
-    """The stencil scan of :func:`_build_cell_list` as one GPU kernel: every atom's bins
-    located at once here, their candidates scanned by :func:`nvalchemi_jax.neighbor_kernels.scan_bins`."""
-    n_atoms, t = positions.shape[0], len(stencil)
-    periodic = gather_systems(batch.pbc, batch.system_index, False)[:, None, :]
+    stencil = jnp.asarray(list(itertools.product(range(-r, r + 1), repeat=3)), jnp.int32)
+    # Every atom's stencil bins at once: first position in `order`, atoms, lattice image.
     nb = nbins_i[:, None, :]
-    c = b[:, None, :] + jnp.asarray(stencil)[None]
+    c = b[:, None, :] + stencil[None]
     image = jnp.floor_divide(c, nb)
-    inside = jnp.all(periodic | (image == 0), axis=-1) & batch.atom_mask[:, None]
-    c = c - image * nb
-    key = key_of(c, nb).reshape(-1)
+    inside = jnp.all(periodic[:, None, :] | (image == 0), axis=-1) & batch.atom_mask[:, None]
+    key = key_of(c - image * nb, nb).reshape(-1)
     lo = jnp.searchsorted(sorted_keys, key, side="left", method=_search_method()).astype(jnp.int32)
     hi = jnp.searchsorted(sorted_keys, key, side="right", method=_search_method()).astype(jnp.int32)
-    occupancy = jnp.where(inside, (hi - lo).reshape(n_atoms, t), 0)
+    lo = lo.reshape(n_atoms, -1)
+    occupancy = jnp.where(inside, hi.reshape(n_atoms, -1) - lo, 0)
+    count = jnp.minimum(occupancy, m_bin)
     own = floor.astype(jnp.int32)
-    base = jnp.where(periodic, image, 0) + own[:, None, :]
-    indices, shifts, total, reach = neighbor_kernels.scan_bins(
-        positions, frame, batch.system_index, order, own, lo.reshape(n_atoms, t),
-        jnp.minimum(occupancy, spec.max_atoms_per_bin), base, rc=spec.list_cutoff,
-        max_neighbors=spec.max_neighbors, max_atoms_per_bin=spec.max_atoms_per_bin,
-        shift_dtype=jnp.dtype(spec.shift_dtype))
+    base = jnp.where(periodic[:, None, :], image, 0) + own[:, None, :]   # + own cell of origin
+    if _pallas.wanted(n_atoms):
+        indices, shifts, total, reach = neighbor_kernels.scan_bins(
+            positions, frame, sys_i, order, own, lo, count, base, rc=rc,
+            max_neighbors=spec.max_neighbors, max_atoms_per_bin=m_bin,
+            shift_dtype=jnp.dtype(spec.shift_dtype))
+    else:
+        m = jnp.arange(m_bin, dtype=jnp.int32)
+
+        def body(carry, t):
+            valid = m[None, :] < count[:, t, None]
+            j = order[jnp.clip(lo[:, t, None] + m[None, :], 0, n_atoms - 1)]
+            n = base[:, t, None, :] - own[j]
+            return _append(carry, j, n, _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)), None
+
+        (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
+                                                          jnp.arange(len(stencil)))
     needed = jnp.stack([jnp.max(total), jnp.int32(0), jnp.max(occupancy), need_r])
     return indices, shifts, needed, reach
 

@@ -73,15 +73,19 @@ def check_species(name: str, species: Sequence[int] | None, batch: Batch) -> Non
 
 def pair_parameter(value, rows_i, rows_j):
     """Scalar parameters broadcast; tables are gathered per pair (NaN for missing species)."""
-    value = jnp.asarray(value)
+    value = symmetric(value)
     if value.ndim == 0:
         return value
-    # Symmetrised explicitly (tables are symmetric, so values do not change): the
-    # closed-form force on i reads only table[i, j], and without this the gradient of a
-    # force-based loss would land on one triangle and leave an asymmetric table.
-    value = 0.5 * (value + value.T)
     ok = (rows_i >= 0) & (rows_j >= 0)
     return jnp.where(ok, value[jnp.maximum(rows_i, 0), jnp.maximum(rows_j, 0)], jnp.nan)
+
+
+def symmetric(value):
+    """A ``(P, P)`` table symmetrised explicitly (its values do not change: tables are
+    symmetric): the closed-form force on i reads only table[i, j], and without this the
+    gradient of a force-based loss would land on one triangle. Scalars pass through."""
+    value = jnp.asarray(value)
+    return value if value.ndim == 0 else 0.5 * (value + value.T)
 
 
 def _per_pair(params: dict, rows_i, rows_j) -> dict:
@@ -148,7 +152,8 @@ def _fused_sums(term, params, cutoff, species, positions, cell, batch, neighbors
 
     @jax.custom_jvp
     def sums(positions, cell, params):
-        return pair_kernel.pair_sums(term, cutoff, params, rows, num_species, positions, cell,
+        tables = {name: symmetric(value) for name, value in params.items()}
+        return pair_kernel.pair_sums(term, cutoff, tables, rows, num_species, positions, cell,
                                      batch, neighbors, stress)
 
     @sums.defjvp

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from nvalchemi_jax import _pallas
+from nvalchemi_jax.neighbor_kernels import displacements, frame_rows
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.neighbors import NeighborList
 
@@ -33,7 +34,7 @@ NUM_WARPS = 4
 
 
 def _parameter_refs(params: dict, num_species: int):
-    """Tables symmetrised (as ``pair.pair_parameter`` does) and flattened; scalars as ``(1,)``."""
+    """Tables (symmetric: the caller's job) flattened; scalars as ``(1,)``."""
     names, flat, tables = [], [], []
     for name, value in params.items():
         value = jnp.asarray(value)
@@ -45,7 +46,7 @@ def _parameter_refs(params: dict, num_species: int):
             if value.shape != (num_species, num_species):
                 raise ValueError(f"pair parameter {name!r} has shape {value.shape}, "
                                  f"expected ({num_species}, {num_species})")
-            flat.append((0.5 * (value + value.T)).reshape(-1))
+            flat.append(value.reshape(-1))
             tables.append(True)
     return names, flat, tables
 
@@ -89,8 +90,7 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
     i = jnp.where(live, i, 0)
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
-    # cell rows of each atom's system: image = Σ_r shift_r · cell[r]
-    cell = [[cell_ref[system * 9 + 3 * r + a][:, None] for a in range(3)] for r in range(3)]
+    cell = frame_rows(cell_ref, system)          # image = Σ_r shift_r · cell[r]
     row_i = rows_ref[i][:, None]
     scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
 
@@ -102,9 +102,7 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         real = j < n
         j = jnp.where(real, j, 0)
         shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
-        d = [pos_ref[j * 3 + a] - x_i[a] + shift[0] * cell[0][a] + shift[1] * cell[1][a]
-             + shift[2] * cell[2][a] for a in range(3)]
-        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        d, r2 = displacements([pos_ref[j * 3 + a] for a in range(3)], x_i, shift, cell)
         within = real & (r2 < rc2)
         r2 = jnp.where(within, r2, rc2)
         p = dict(scalars)
