@@ -21,8 +21,7 @@ def _as_real(value: Any, field: str, where: str, shape: tuple) -> np.ndarray:
         arr = np.asarray(value)
     except ValueError as err:
         raise ValueError(f"{where}: field '{field}' is not a rectangular array ({err})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
-                                   or np.issubdtype(arr.dtype, np.integer)):
+    if not _real_dtype(arr.dtype):
         raise TypeError(f"{where}: field '{field}' must be real numbers, got dtype {arr.dtype}")
     if arr.ndim != len(shape) or any(e != -1 and e != a for e, a in zip(shape, arr.shape)):
         want = "(" + ", ".join("n" if e == -1 else str(e) for e in shape) + ")"

@@ -569,16 +569,24 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
                         max_candidates=max(1, max_candidates), max_atoms_per_bin=per_bin,
                         max_image_shift=cl_shift,
                         block_size=block_size)
-    for _ in range(4):
+    spec, nl = build_fitting(spec, batch.positions, batch.cell, batch)
+    snug = int(np.ceil(1.1 * int(nl.needed[0]))) + 4
+    if fit and snug < spec.max_neighbors:
+        spec = dataclasses.replace(spec, max_neighbors=snug)
         nl = _build_jit(spec, batch.positions, batch.cell, batch)
+    return spec, nl
+
+
+def build_fitting(spec: NeighborSpec, positions, cell, batch: Batch, tries: int = 4):
+    """Host side: build with ``spec``, growing it (:func:`grow`) until nothing overflows;
+    ``(spec, list)``. A truncated build under-reports the neighbors per atom, so one
+    growth may not be enough."""
+    for _ in range(tries):
+        nl = _build_jit(spec, positions, cell, batch)
         if not bool(nl.overflow):
-            snug = int(np.ceil(1.1 * int(nl.needed[0]))) + 4
-            if fit and snug < spec.max_neighbors:
-                spec = dataclasses.replace(spec, max_neighbors=snug)
-                nl = _build_jit(spec, batch.positions, batch.cell, batch)
             return spec, nl
         spec = grow(nl)
-    raise RuntimeError(f"neighbor list still overflows after growing to {spec}")
+    raise RuntimeError(f"the neighbor list still overflows after growing to {spec}")
 
 
 _pair_vectors_jit = jax.jit(pair_vectors)

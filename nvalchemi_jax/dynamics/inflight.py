@@ -83,8 +83,7 @@ def refill(dyn, state, old, batch, freed, new):
                              jnp.where(atom_freed[:, None], 0.0, state.velocities)),
         cell=jnp.where(new[:, None, None], batch.cell, state.cell),
         status=code.astype(jnp.int32), failure=jnp.where(new | freed, 0, state.failure),
-        step=jnp.where(new | freed, 0, state.step),
-        previous_energy=jnp.where(new, jnp.inf, state.previous_energy), neighbors=nl)
+        step=jnp.where(new | freed, 0, state.step), neighbors=nl)
     state = state.replace(stage=blend_stage(new, dyn.init_stage(state, batch), state.stage, batch))
     state = dyn.compute(state, batch)
     state = state.replace(previous_energy=jnp.where(new, jnp.inf, state.previous_energy))

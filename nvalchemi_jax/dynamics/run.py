@@ -104,13 +104,10 @@ def regrown(dyn, start, overflowed, batch):
     again while the rebuilt list still overflows (a truncated build under-reports the
     neighbors per atom). If ``start``'s own list had overflowed (a refill, or a state made
     with a small list), its forces missed pairs: they are computed again."""
-    nl = overflowed.neighbors
-    for _ in range(8):
-        nl = neighbors._build_jit(neighbors.grow(nl), start.positions, start.cell, batch)
-        if not bool(nl.overflow):
-            state = start.replace(neighbors=nl)
-            return _recompute(dyn, state, batch) if bool(start.neighbors.overflow) else state
-    raise RuntimeError(f"the neighbor list still overflows after growing to {nl.spec}")
+    _, nl = neighbors.build_fitting(neighbors.grow(overflowed.neighbors), start.positions,
+                                    start.cell, batch, tries=8)
+    state = start.replace(neighbors=nl)
+    return _recompute(dyn, state, batch) if bool(start.neighbors.overflow) else state
 
 
 @jax.jit
@@ -167,7 +164,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
                 continue
             taken += went
             state = current.state
-            if not (active and went == limit and following is not None):
+            if not active:              # (active implies all `limit` steps ran)
                 following = None        # nothing left to run: the queued chunk did nothing
             # Host work for chunk k while chunk k + 1 runs.
             hand_over(observers, current.buffers)

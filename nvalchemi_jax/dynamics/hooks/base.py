@@ -51,11 +51,12 @@ class Hook:
 
     record / on_host: for observers that need the host (logging, snapshots):
     ``record(state, batch, ctx) -> pytree`` is evaluated on device at the end
-    of each due step and written into a device buffer (one row per due step);
+    of every step and kept, on due steps only, in a device buffer (one row per due
+    step; branch-free, as a ``lax.cond`` would read its predicate on the host);
     between chunks the run loop calls ``on_host(records, due, steps)`` with the
     rows recorded in that chunk (numpy, leading axis = due steps), a ``due``
     mask (all True) and the step indices. No device→host transfer happens
-    inside a chunk, and only recorded rows cross afterwards.
+    inside a chunk; the chunk's buffers cross afterwards.
 
     Hooks run in registration order.
 

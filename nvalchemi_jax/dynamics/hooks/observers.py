@@ -1,5 +1,5 @@
-"""Observer hooks: they record on the device at due steps and act on the host between
-chunks (never a device→host sync per step). Each keeps what it saw for inspection."""
+"""Observer hooks: they keep records on the device at due steps and act on the host
+between chunks (never a device→host sync per step). Each keeps what it saw for inspection."""
 
 from __future__ import annotations
 
