@@ -37,7 +37,7 @@ case $part in
   part2)
     run w3_relax 150 bench_w3_relax.py --count 10000 --batch-size 2048 --mixed-count 1000 \
       --mixed-batch 128 --fused-count 500 --peers
-    run w4_hooks 60 bench_w4_hooks.py --batches 1024 --steps 300
+    run w4_hooks 100 bench_w4_hooks.py --batches 1024 --steps 1000
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
     run profile_step_methods 100 profile_step.py --batches 1024 4096 --skin 1.0 --method cell_list ;;
   part2-peers)

@@ -13,11 +13,13 @@ computes each system's or bin's range), so the tables are identical.
   program's atoms share their bins (cache hits).
 * :func:`scan_systems` (all pairs): each atom's candidates are its system's atoms times
   the system's periodic images.
+
+Both can rebuild some rows only (``todo``): the previous table is aliased to the output,
+rows not to do are never written, and a program with no row to do skips its scan, so a
+partial rebuild costs about what its rows need.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,8 @@ NUM_WARPS = 4
 
 
 def scan_bins(positions, frame, system_index, order, floor, lo, count, base, *, rc: float,
-              max_neighbors: int, max_atoms_per_bin: int, shift_dtype, interpret=None):
+              max_neighbors: int, max_atoms_per_bin: int, shift_dtype, todo=None, previous=None,
+              interpret=None):
     """Rows of the neighbor table from the candidates of each atom's stencil bins.
 
     positions ``(N, 3)``; frame ``(S, 3, 3)`` (lattice rows; shift n -> n @ frame);
@@ -38,13 +41,16 @@ def scan_bins(positions, frame, system_index, order, floor, lo, count, base, *, 
     first position in ``order``, ``count (N, T)`` its atoms to scan (0 = skip), ``base
     (N, T, 3) int32`` the bin's lattice image plus the atom's own ``floor``.
 
+    todo ``(N,) bool`` (optional): the rows to build; the others are ``previous``'s
+    ``(indices, shifts)`` unchanged (and their ``total`` and ``reach`` are undefined).
+
     Returns ``indices (N, K) int32`` (padding N), ``shifts (N, K, 3)`` (``shift_dtype``,
     clipped to its range), ``total (N,) int32`` neighbors found (may exceed K: overflow)
     and ``reach (N, 3) int32`` each row's largest ``|shift|`` per axis.
     """
     n, t = lo.shape
     tile = 1 << max(0, (max_atoms_per_bin - 1).bit_length())      # power of two >= bin size
-    return _scan(_bins_kernel, "cell_list_scan", n, max_neighbors, shift_dtype, interpret,
+    return _scan(_bins_kernel, "cell_list_scan", n, max_neighbors, shift_dtype, todo, previous, interpret,
                  dict(t=t, s=frame.shape[0], tile=tile, rc2=float(rc) ** 2),
                  positions.reshape(-1), positions[order].reshape(-1),
                  frame.reshape(-1).astype(positions.dtype), system_index, order,
@@ -52,27 +58,26 @@ def scan_bins(positions, frame, system_index, order, floor, lo, count, base, *, 
 
 
 def scan_systems(positions, frac, frame, system_index, order, start, candidates, images, radix,
-                 reach, flip, periodic, *, rc: float, max_neighbors: int, max_candidates: int,
-                 shift_dtype, interpret=None):
-    """Rows of the neighbor table from each atom's system: candidate ``m`` of atom i is
-    atom ``order[start_i + m // images_i]`` in image ``m % images_i`` (mixed radix
-    ``radix_i``; see :func:`~nvalchemi_jax.neighbors._build_all_pairs` for the image rule).
+                 reach, flip, periodic, *, rc: float, max_neighbors: int, shift_dtype, todo=None,
+                 previous=None, interpret=None):
+    """Rows of the neighbor table from each atom's system: with ``count_i = candidates_i //
+    images_i`` atoms in it, candidate ``m`` of atom i is atom ``order[start_i + m % count_i]``
+    in image ``m // count_i`` (mixed radix ``radix_i``; see
+    :func:`~nvalchemi_jax.neighbors._build_all_pairs` for the image rule).
 
     Per atom: positions, frac ``(N, 3)``; start, candidates, images ``(N,)``; radix, reach
     ``(N, 3) int32``; flip ``(N,) bool``; periodic ``(N, 3) bool``. frame ``(S, 3, 3)``.
-    Returns what :func:`scan_bins` returns.
+    todo, previous: as for :func:`scan_bins`. Returns what :func:`scan_bins` returns.
     """
     n = positions.shape[0]
-    tile = 64
-    steps = -(-max_candidates // tile)
-    return _scan(_systems_kernel, "all_pairs_scan", n, max_neighbors, shift_dtype, interpret,
-                 dict(s=frame.shape[0], tile=tile, steps=steps, rc2=float(rc) ** 2),
+    return _scan(_systems_kernel, "all_pairs_scan", n, max_neighbors, shift_dtype, todo, previous, interpret,
+                 dict(s=frame.shape[0], tile=64, rc2=float(rc) ** 2),
                  positions.reshape(-1), frac.reshape(-1), frame.reshape(-1).astype(positions.dtype),
                  system_index, order, start, candidates, images, radix.reshape(-1),
                  reach.reshape(-1), flip.astype(jnp.int32), periodic.astype(jnp.int32).reshape(-1))
 
 
-def _scan(kernel, name, n, k, shift_dtype, interpret, static, *inputs):
+def _scan(kernel, name, n, k, shift_dtype, todo, previous, interpret, static, *inputs):
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to the entry after the table
     shift_dtype = jnp.dtype(shift_dtype)
@@ -81,8 +86,20 @@ def _scan(kernel, name, n, k, shift_dtype, interpret, static, *inputs):
                  jax.ShapeDtypeStruct((n * k * 3 + 3 * extra,), shift_dtype),
                  jax.ShapeDtypeStruct((n + extra,), jnp.int32),
                  jax.ShapeDtypeStruct((n * 3 + 3 * extra,), jnp.int32)]
-    body = functools.partial(kernel, rows=_Rows(n, k, most, shift_dtype), **static)
-    call = _pallas.call(body, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, name, interpret)
+    n_in = len(inputs)
+    todo = jnp.ones(n, jnp.int32) if todo is None else todo.astype(jnp.int32)
+    inputs = inputs + (todo,)
+    aliases = {}
+    if previous is not None:              # rows not to do keep the previous table's entries
+        spare = lambda x, size: jnp.concatenate([x.reshape(-1), jnp.zeros(size, x.dtype)])
+        aliases = {n_in + 1: 0, n_in + 2: 1}
+        inputs = inputs + (spare(previous[0], extra), spare(previous[1].astype(shift_dtype), 3 * extra))
+
+    def body(*refs):    # the aliased previous tables are only there to be kept
+        kernel(*refs[:n_in], *refs[len(inputs):], todo_ref=refs[n_in],
+               rows=_Rows(n, k, most, shift_dtype), **static)
+
+    call = _pallas.call(body, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, name, interpret, aliases)
     indices, shifts, total, reach = call(*inputs)
     return (indices[:n * k].reshape(n, k), shifts[:n * k * 3].reshape(n, k, 3), total[:n],
             reach[:n * 3].reshape(n, 3))
@@ -166,12 +183,26 @@ def image_shift(dfrac, digit, periodic, flip, reach):
     return nearest.astype(jnp.int32) + jnp.where(flip, digit * away, digit - reach)
 
 
+def _when_any(live, scan):
+    """Run ``scan()`` only if some row of the program is live (a partial rebuild's other
+    programs do nothing)."""
+    from jax.experimental import pallas as pl
+    pl.when(jnp.max(live.astype(jnp.int32)) > 0)(scan)
+
+
 def _bins_kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_floor_ref,
-                 lo_ref, count_ref, base_ref, *outs, rows, t, s, tile, rc2):
+                 lo_ref, count_ref, base_ref, *outs, todo_ref, rows, t, s, tile, rc2):
     from jax.experimental import pallas as pl
     at_row = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
-    live = at_row < rows.n
-    i = order_ref[jnp.where(live, at_row, 0)]          # this program's atoms, in bin order
+    i = order_ref[jnp.where(at_row < rows.n, at_row, 0)]   # this program's atoms, in bin order
+    live = (at_row < rows.n) & (todo_ref[i] != 0)
+    _when_any(live, lambda: _scan_bins(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref,
+                                       sorted_floor_ref, lo_ref, count_ref, base_ref, outs, i, live,
+                                       rows, t, s, tile, rc2))
+
+
+def _scan_bins(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_floor_ref, lo_ref,
+               count_ref, base_ref, outs, i, live, rows, t, s, tile, rc2):
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
     frame = frame_rows(frame_ref, jnp.clip(sys_ref[i], 0, s - 1))
     m = jnp.arange(tile, dtype=jnp.int32)[None, :]
@@ -192,12 +223,20 @@ def _bins_kernel(pos_ref, sorted_pos_ref, frame_ref, sys_ref, order_ref, sorted_
 
 
 def _systems_kernel(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref, cand_ref,
-                    images_ref, radix_ref, reach_ref, flip_ref, periodic_ref, *outs, rows, s,
-                    tile, steps, rc2):
+                    images_ref, radix_ref, reach_ref, flip_ref, periodic_ref, *outs, todo_ref, rows,
+                    s, tile, rc2):
     from jax.experimental import pallas as pl
     i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
-    live = i < rows.n
-    i = jnp.where(live, i, 0)
+    inside = i < rows.n
+    i = jnp.where(inside, i, 0)
+    live = inside & (todo_ref[i] != 0)
+    _when_any(live, lambda: _scan_systems(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref,
+                                          cand_ref, images_ref, radix_ref, reach_ref, flip_ref,
+                                          periodic_ref, outs, i, live, rows, s, tile, rc2))
+
+
+def _scan_systems(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref, cand_ref, images_ref,
+                  radix_ref, reach_ref, flip_ref, periodic_ref, outs, i, live, rows, s, tile, rc2):
     col = lambda ref: ref[i][:, None]
     x_i = [pos_ref[i * 3 + a][:, None] for a in range(3)]
     f_i = [frac_ref[i * 3 + a][:, None] for a in range(3)]
@@ -207,13 +246,19 @@ def _systems_kernel(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref,
     reach = [reach_ref[i * 3 + a][:, None] for a in range(3)]
     periodic = [periodic_ref[i * 3 + a][:, None] != 0 for a in range(3)]
     m0 = jnp.arange(tile, dtype=jnp.int32)[None, :]
+    # Blocks of `tile` atoms of the row's system, image by image: the image and its digits
+    # are per row (no per-candidate division), and each program runs only as many blocks
+    # as its rows' systems need (small systems of a mixed batch finish early).
+    count = cand // jnp.maximum(images, 1)
+    tiles = jnp.maximum((count + tile - 1) // tile, 1)
+    blocks = jnp.where(live[:, None], tiles * images, 0)
 
     def block(b, carry):
-        m = b * tile + m0
-        valid = live[:, None] & (m < cand)
-        image = m % images
+        image = b // tiles
+        atom = (b % tiles) * tile + m0
+        valid = (b < blocks) & (atom < count)
         digit = image_digits(image, radix[1], radix[2])
-        j = _pallas.load(order_ref, jnp.where(valid, start + m // images, 0), valid, 0)
+        j = _pallas.load(order_ref, jnp.where(valid, start + atom, 0), valid, 0)
         shift = [image_shift(_pallas.load(frac_ref, j * 3 + a, valid, 0.0) - f_i[a], digit[a],
                              periodic[a], flip != 0, reach[a]) for a in range(3)]
         x_j = [_pallas.load(pos_ref, j * 3 + a, valid, 0.0) for a in range(3)]
@@ -221,4 +266,4 @@ def _systems_kernel(pos_ref, frac_ref, frame_ref, sys_ref, order_ref, start_ref,
         self_pair = (j == i[:, None]) & (shift[0] == 0) & (shift[1] == 0) & (shift[2] == 0)
         return rows.append(outs, i, carry, j, shift, valid & (d2 < rc2) & ~self_pair)
 
-    rows.finish(outs, i, live, jax.lax.fori_loop(0, steps, block, rows.start()))
+    rows.finish(outs, i, live, jax.lax.fori_loop(0, jnp.max(blocks), block, rows.start()))

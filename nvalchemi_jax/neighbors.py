@@ -259,7 +259,7 @@ def _one_flip(reach, widths, rc):
     return ((reach == 0) | ((reach == 1) & (rc <= widths))).all(axis=1)
 
 
-def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
+def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previous):
     n_atoms = positions.shape[0]
     rc = spec.list_cutoff
     sys_i = batch.system_index
@@ -279,6 +279,7 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     start_i = gather_systems(start, sys_i)
     candidates_i = jnp.where(batch.atom_mask, gather_systems(candidates, sys_i), 0)
     images_i = gather_systems(images, sys_i, 1)
+    count_i = gather_systems(jnp.maximum(count, 1), sys_i, 1)
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
     i = jnp.arange(n_atoms, dtype=jnp.int32)
@@ -286,17 +287,18 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
         indices, shifts, total, reach = neighbor_kernels.scan_systems(
             positions, frac, frame, sys_i, order, start_i, candidates_i, images_i, radix_i,
             reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
-            max_candidates=spec.max_candidates, shift_dtype=spec.shift_dtype)
-        needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
-        return indices, shifts, needed, reach
+            shift_dtype=spec.shift_dtype, todo=todo,
+            previous=previous)
+        return indices, shifts, total, reach, (jnp.max(candidates), 0, 0)
     block = min(spec.block_size, spec.max_candidates)
     n_blocks = -(-spec.max_candidates // block)
 
     def body(carry, b):
         m = b * block + jnp.arange(block, dtype=jnp.int32)
         valid = m[None, :] < candidates_i[:, None]
-        atom = m[None, :] // images_i[:, None]
-        image = m[None, :] % images_i[:, None]
+        # Candidates image by image, each over the system's atoms (the kernel's order).
+        atom = m[None, :] % count_i[:, None]
+        image = m[None, :] // count_i[:, None]
         digit = jnp.stack(neighbor_kernels.image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3]),
                           axis=-1)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
@@ -307,11 +309,10 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
 
     (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
                                                       jnp.arange(n_blocks, dtype=jnp.int32))
-    needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
-    return indices, shifts, needed, reach
+    return _kept(indices, shifts, todo, previous) + (total, reach, (jnp.max(candidates), 0, 0))
 
 
-def _build_cell_list(spec, positions, batch, frame, inverse, widths):
+def _build_cell_list(spec, positions, batch, frame, inverse, widths, todo, previous):
     n_atoms, n_sys = positions.shape[0], batch.num_systems
     rc = spec.list_cutoff
     m_bin = spec.max_atoms_per_bin
@@ -373,7 +374,7 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
         indices, shifts, total, reach = neighbor_kernels.scan_bins(
             positions, frame, sys_i, order, own, lo, count, base, rc=rc,
             max_neighbors=spec.max_neighbors, max_atoms_per_bin=m_bin,
-            shift_dtype=jnp.dtype(spec.shift_dtype))
+            shift_dtype=jnp.dtype(spec.shift_dtype), todo=todo, previous=previous)
     else:
         m = jnp.arange(m_bin, dtype=jnp.int32)
 
@@ -385,28 +386,68 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
 
         (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
                                                           jnp.arange(len(stencil)))
-    needed = jnp.stack([jnp.max(total), jnp.int32(0), jnp.max(occupancy), need_r])
-    return indices, shifts, needed, reach
+        indices, shifts = _kept(indices, shifts, todo, previous)
+    return indices, shifts, total, reach, (0, jnp.max(occupancy), need_r)
 
 
-def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
+def _kept(indices, shifts, todo, previous):
+    """XLA forms of a partial rebuild: the previous rows where not ``todo`` (the kernels
+    skip those rows instead)."""
+    if previous is None:
+        return indices, shifts
+    return (jnp.where(todo[:, None], indices, previous[0]),
+            jnp.where(todo[:, None, None], shifts, previous[1].astype(shifts.dtype)))
+
+
+def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch,
+          previous: NeighborList | None = None, systems: jax.Array | None = None) -> NeighborList:
     """Build the list for every system from scratch (jit-able; ``spec`` is static).
 
-    positions: ``(N, 3)`` Å; cell: ``(S, 3, 3)`` Å.
+    positions: ``(N, 3)`` Å; cell: ``(S, 3, 3)`` Å. With ``previous`` (a list of the same
+    spec) and ``systems (S,) bool``, only those systems' rows are built; the others, and
+    their reference positions and cells, are ``previous``'s.
     """
     frame, inverse, widths = _frame_and_widths(cell, batch.pbc)
     builder = _build_all_pairs if spec.method == "all_pairs" else _build_cell_list
-    indices, shifts, needed, reach = builder(spec, positions, batch, frame, inverse, widths)
     n_sys = batch.num_systems
-    max_shift = segments.segment_max(reach, batch.system_index, n_sys)
-    return NeighborList(
+    if previous is None:
+        systems = batch.system_mask
+        todo, tables = None, None
+    else:
+        todo = gather_systems(systems, batch.system_index, False)
+        tables = (previous.indices, previous.shifts)
+    indices, shifts, total, reach, others = builder(spec, positions, batch, frame, inverse, widths,
+                                                    todo, tables)
+    if todo is not None:    # rows kept from `previous` have no count or reach of their own
+        total = jnp.where(todo, total, 0)
+        reach = jnp.where(todo[:, None], reach, 0)
+    needed = jnp.stack([jnp.max(total), *(jnp.asarray(x, jnp.int32) for x in others)])
+    max_shift = jnp.maximum(segments.segment_max(reach, batch.system_index, n_sys), 0)
+    nl = NeighborList(
         indices=indices, shifts=shifts, reference_positions=positions, reference_cell=cell,
-        max_shift=jnp.maximum(max_shift, 0), stale=jnp.zeros(n_sys, bool),
+        max_shift=max_shift, stale=jnp.zeros(n_sys, bool),
         rebuilds=jnp.zeros(n_sys, jnp.int32), needed=needed.astype(jnp.int32), spec=spec)
+    if previous is None:
+        return nl
+    return nl.replace(
+        reference_positions=jnp.where(todo[:, None], positions, previous.reference_positions),
+        reference_cell=jnp.where(systems[:, None, None], cell, previous.reference_cell),
+        max_shift=jnp.where(systems[:, None], max_shift, previous.max_shift),
+        stale=previous.stale & ~systems, rebuilds=previous.rebuilds + systems.astype(jnp.int32),
+        needed=jnp.maximum(previous.needed, nl.needed))
 
 
 def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
-    """``(S,) bool``: systems where a pair may have crossed ``cutoff`` since the last build.
+    """``(S,) bool``: systems where a pair may have crossed ``cutoff`` since the last build."""
+    return batch.system_mask & (_beyond(drift(nl, positions, cell, batch), nl.spec.skin) | nl.stale)
+
+
+def _beyond(drift, skin):
+    return drift > skin if skin > 0 else drift > 0
+
+
+def drift(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
+    """``(S,)`` Å: how much a pair vector of each system may have changed since its last build.
 
     A pair vector changes by at most ``2 max|Δr| + Σ_k |n_k| |Δcell_k|``; the
     list stays exact while that is below the skin. ``|n_k|`` is bounded by the
@@ -430,33 +471,35 @@ def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch
     reach = jnp.where(batch.pbc & batch.system_mask[:, None],
                       jnp.ceil(nl.spec.list_cutoff / widths + jnp.maximum(span, 0.0)), 0.0)
     bound = jnp.maximum(nl.max_shift, reach)
-    drift = 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
-    too_far = drift > nl.spec.skin
-    if nl.spec.skin == 0:
-        too_far = drift > 0
-    return batch.system_mask & (too_far | nl.stale)
+    return 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
 
 
-def _rebuild(nl: NeighborList, positions, cell, batch: Batch) -> NeighborList:
+def _rebuild(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
+    if _pallas.wanted(positions.shape[0]):
+        return build(nl.spec, positions, cell, batch, previous=nl, systems=systems)
     new = build(nl.spec, positions, cell, batch)
     return new.replace(rebuilds=nl.rebuilds + batch.system_mask.astype(jnp.int32),
                        needed=jnp.maximum(nl.needed, new.needed))
 
 
-def _keep(nl, positions, cell, batch):
+def _keep(nl, positions, cell, batch, systems):
     return nl
 
 
 def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
     """Rebuild the list when some system needs it (jit-able); skips all work when none does.
 
-    All systems are rebuilt together: a build costs the same for one system as for
-    all, so rebuilding only the system that asked would just make the next
-    system's request come sooner (a batch of 1,000 would rebuild at almost every step).
+    With the GPU kernels a build skips the rows it is not asked for, so only the systems
+    that need it are rebuilt, together with any past half their skin (rebuilt early, so
+    that requests come in groups rather than one system per step). XLA's forms cost the
+    same for one system as for all: there, every system is rebuilt.
     """
-    rebuild = needs_rebuild(nl, positions, cell, batch)
+    moved = drift(nl, positions, cell, batch)
+    mask = batch.system_mask
+    rebuild = mask & (_beyond(moved, nl.spec.skin) | nl.stale)
+    systems = rebuild | (mask & _beyond(moved, 0.5 * nl.spec.skin))
     # Module-level branches: eager calls reuse the compiled cond instead of retracing.
-    return jax.lax.cond(jnp.any(rebuild), _rebuild, _keep, nl, positions, cell, batch)
+    return jax.lax.cond(jnp.any(rebuild), _rebuild, _keep, nl, positions, cell, batch, systems)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:
@@ -572,8 +615,9 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     spec, nl = build_fitting(spec, batch.positions, batch.cell, batch)
     snug = int(np.ceil(1.1 * int(nl.needed[0]))) + 4
     if fit and snug < spec.max_neighbors:
+        # Rows are filled from the left: the first `snug` columns are the snug build's table.
         spec = dataclasses.replace(spec, max_neighbors=snug)
-        nl = _build_jit(spec, batch.positions, batch.cell, batch)
+        nl = nl.replace(indices=nl.indices[:, :snug], shifts=nl.shifts[:, :snug], spec=spec)
     return spec, nl
 
 

@@ -14,9 +14,9 @@ Every ``refill_frequency`` steps (one compiled chunk), on the host:
    systems (atoms of a system need not be contiguous), initialises their stage
    variables, marks their neighbor rows stale and computes their forces.
 
-Host and device overlap: the refill and the next chunk are queued back to back,
-and the host hands the last chunk's records to observers and validates the next
-samples while they run; it then waits once per chunk, for the per-system fields
+Host and device overlap: the refill and the next chunk are launched together from
+the run loop's worker thread, and the host hands the last chunk's records to
+observers and validates the next samples while they run; it then waits once per chunk, for the per-system fields
 it needs (per-atom ones are copied in the background and read only when a
 system finished).
 
@@ -28,6 +28,7 @@ in ``result.unfinished``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import types
 
@@ -102,21 +103,24 @@ def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: n
     atom in order, into the free atom slots ``atom_slots``. Whole-field copies, no loop
     over systems."""
     n_sys = host.num_systems
-    atom_freed = np.append(freed, False)[host.system_index]
     sizes = np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
     dst = atom_slots[:int(sizes.sum())]
+    # Freed atoms that no new system takes (usually few): the only ones set to the fill.
+    atom_freed = np.append(freed, False)[host.system_index]
+    atom_freed[dst] = False
+    cleared = np.flatnonzero(atom_freed)
     out = {}
     for field, fill in _ATOM_FILL.items():
         x = np.array(getattr(host, field))
-        x[atom_freed] = fill
+        x[cleared] = fill
         if systems:
             x[dst] = np.concatenate([s[field] for s in systems])
         out[field] = x
     system_index = np.array(host.system_index)
-    system_index[atom_freed] = n_sys
+    system_index[cleared] = n_sys
     system_index[dst] = np.repeat(slots, sizes)
     atom_mask = np.array(host.atom_mask)
-    atom_mask[atom_freed] = False
+    atom_mask[cleared] = False
     atom_mask[dst] = True
     values = {"cell": [s["cell"] for s in systems], "pbc": [s["pbc"] for s in systems], "n_atoms": sizes,
               "system_mask": True, "sample_id": [s["sample_id"] for s in systems]}
@@ -178,7 +182,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             free_atoms = np.flatnonzero(~host.atom_mask | atom_freed)
             free_slots = np.flatnonzero(~mask | freed)
             indices = sampler.take(len(free_slots), len(free_atoms)) if len(free_slots) else []
-            refilled = False
+            prepare = None          # the refill, launched with the next chunk
             if freed.any() or indices:
                 systems = sampler.systems(indices)
                 slots = free_slots[:len(systems)]
@@ -186,8 +190,8 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 new[slots] = True
                 new_host = refilled_batch(host, freed, systems, slots, free_atoms)
                 new_batch, freed_d, new_d = jax.device_put((new_host, freed, new))
-                state = refill(dyn, state, batch, new_batch, freed_d, new_d)
-                batch, host, refilled = new_batch, new_host, True
+                prepare = functools.partial(refill, dyn, old=batch, batch=new_batch, freed=freed_d, new=new_d)
+                batch, host = new_batch, new_host
                 refills += 1
                 # The statuses the refill set (new systems failing at once show up after the chunk).
                 view.status = np.where(new, dyn.status_code,
@@ -195,7 +199,8 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             if bar is not None:
                 bar.update_samples(written, view.status)
             if not np.any(dyn.running(view, host)):
-                if refilled:
+                if prepare is not None:
+                    state = prepare(state)
                     view, _ = _view(state)
                 waiting = host.system_mask & ((view.status == exit_status) | (view.status == status_codes.FAILED))
                 if sampler.exhausted and not host.system_mask.any():
@@ -209,7 +214,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             if max_steps is not None and taken >= max_steps:
                 break
             limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - taken)
-            chunk = dispatch(dyn, state, batch, limit, refill_frequency)
+            chunk = dispatch(dyn, state, batch, limit, refill_frequency, prepare=prepare)
             # Host work while the device runs the refill and the chunk.
             hand_over(observers, records)
             records = None

@@ -4,10 +4,17 @@ Chunks are dispatched ahead: chunk k + 1 is queued on the device before the host
 for chunk k, so the host's work between chunks (observers, progress) overlaps the
 device's. States are immutable, so a speculative chunk computed from a chunk that
 overflowed its neighbor list is simply dropped and redone after regrowth.
+
+Chunks are launched from a worker thread. A GPU runs a compiled loop's conditionals
+(the neighbor list's rebuild test) by reading their predicates on the host, so a launch
+returns only when the chunk is nearly done; from the worker, that wait overlaps the
+caller's host work.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from functools import partial
@@ -48,23 +55,38 @@ def run_chunk(dyn, state, batch, limit, length: int):
         state, buffers = carry
         active = dyn.running(state, batch)
         go = (i < limit) & jnp.any(active)
-        before, old_status = state.global_step, state.status
-        state = jax.lax.cond(go, lambda s: dyn.step(s, batch), lambda s: s, state)
-        # Systems that left a stage in this step (converged), as ON_CONVERGE hooks see them.
-        converged = active & (state.status != old_status) & (state.status != status_codes.FAILED)
-        ctx = HookContext(step=before, active=active, converged=converged)
-        new_buffers = []
-        for hook, (rows, steps, count) in zip(observers, buffers):
-            # Branch-free: the record is taken every step and written to row `count` on due
-            # steps, else to a row past the end (dropped). A lax.cond here costs a device ->
-            # host round trip per step on a GPU (its predicate is read by the host).
-            due = go & hook.due(before)
-            slot = jnp.where(due, count, steps.shape[0])
-            record = hook.record(state, batch, ctx)
-            rows = jax.tree.map(lambda buf, r: buf.at[slot].set(r, mode="drop"), rows, record)
-            new_buffers.append((rows, steps.at[slot].set(before, mode="drop"),
-                                count + due.astype(count.dtype)))
-        return (state, tuple(new_buffers)), go
+        before = state.global_step
+        due = [go & hook.due(before) for hook in observers]
+
+        def skip(state, buffers):
+            return state, buffers
+
+        def advance(state, buffers):
+            return dyn.step(state, batch), buffers
+
+        def advance_and_record(state, buffers):
+            new = dyn.step(state, batch)
+            # Systems that left a stage in this step (converged), as ON_CONVERGE hooks see them.
+            converged = active & (new.status != state.status) & (new.status != status_codes.FAILED)
+            ctx = HookContext(step=before, active=active, converged=converged)
+            written = []
+            for hook, now, (rows, steps, count) in zip(observers, due, buffers):
+                slot = jnp.where(now, count, steps.shape[0])      # past the end: dropped
+                record = hook.record(new, batch, ctx)
+                rows = jax.tree.map(lambda buf, r: buf.at[slot].set(r, mode="drop"), rows, record)
+                written.append((rows, steps.at[slot].set(before, mode="drop"), count + now.astype(count.dtype)))
+            return new, tuple(written)
+
+        # One switch per step: the step is skipped, taken, or taken and recorded. Records
+        # are computed on due steps only, and a GPU reads one predicate per step (the
+        # host decides a conditional's branch), as for a plain skip test.
+        if observers:
+            index = jnp.where(go, jnp.where(jnp.any(jnp.stack(due)), 2, 1), 0)
+            branches = (skip, advance, advance_and_record)
+        else:
+            index, branches = go.astype(jnp.int32), (skip, advance)
+        state, buffers = jax.lax.switch(index, branches, state, buffers)
+        return (state, buffers), go
 
     buffers = tuple(empty_buffer(h) for h in observers)
     (state, buffers), went = jax.lax.scan(body, (state, buffers), jnp.arange(length, dtype=jnp.int32))
@@ -73,14 +95,51 @@ def run_chunk(dyn, state, batch, limit, length: int):
     return state, (buffers, flags)
 
 
+# One worker, so chunks launch in order and a chunk's input is ready when it starts.
+_LAUNCHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvalchemi-jax-launch")
+
+# JAX settings a caller may have changed for its own thread only (``with jax.enable_x64():``
+# and the like), which change what is traced: the worker adopts the caller's.
+_THREAD_SETTINGS = {"jax_enable_x64": jax.enable_x64, "jax_default_device": jax.default_device,
+                    "jax_default_matmul_precision": jax.default_matmul_precision,
+                    "jax_numpy_dtype_promotion": jax.numpy_dtype_promotion,
+                    "jax_numpy_rank_promotion": jax.numpy_rank_promotion}
+
+
+def _in_callers_settings(fn):
+    """``fn`` wrapped to run under the calling thread's JAX settings."""
+    values = {name: getattr(jax.config, name) for name in _THREAD_SETTINGS}
+
+    def run():
+        with contextlib.ExitStack() as stack:
+            for name, value in values.items():
+                stack.enter_context(_THREAD_SETTINGS[name](value))
+            return fn()
+
+    return run
+
+
 @dataclasses.dataclass
 class Chunk:
     """A dispatched chunk: the state it started from, and its (maybe unfinished) results."""
 
-    start: object
-    state: object
-    buffers: tuple
-    flags: jax.Array
+    launched: concurrent.futures.Future
+
+    @property
+    def start(self):
+        return self.launched.result()[0]
+
+    @property
+    def state(self):
+        return self.launched.result()[1]
+
+    @property
+    def buffers(self):
+        return self.launched.result()[2]
+
+    @property
+    def flags(self) -> jax.Array:
+        return self.launched.result()[3]
 
     def settle(self) -> tuple[bool, int, bool]:
         """Wait for the chunk: ``(overflowed, steps taken, any system still active)``."""
@@ -88,14 +147,22 @@ class Chunk:
         return bool(overflow), went, bool(active)
 
 
-def dispatch(dyn, state, batch, limit: int, length: int) -> Chunk:
-    """Queue one chunk on the device (returns at once; JAX dispatch is asynchronous). The
-    copies of its records to the host are queued too, ahead of any later chunk, so
-    that handing them over never waits for the chunk queued after this one."""
-    new, (buffers, flags) = run_chunk(dyn, state, batch, limit, length=length)
-    for leaf in jax.tree.leaves((buffers, flags)):
-        leaf.copy_to_host_async()
-    return Chunk(state, new, buffers, flags)
+def dispatch(dyn, state, batch, limit: int, length: int, prepare=None) -> Chunk:
+    """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
+    an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
+    runs first in the same launch. The copies of the records to the host are queued too,
+    ahead of any later chunk, so that handing them over never waits for the next chunk."""
+
+    def launch():
+        start = state.state if isinstance(state, Chunk) else state
+        if prepare is not None:
+            start = prepare(start)
+        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length)
+        for leaf in jax.tree.leaves((buffers, flags)):
+            leaf.copy_to_host_async()
+        return start, new, buffers, flags
+
+    return Chunk(_LAUNCHER.submit(_in_callers_settings(launch)))
 
 
 def regrown(dyn, start, overflowed, batch):
@@ -153,7 +220,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             # can assume this one took all of its steps.
             limit = min(chunk_size, max_steps - taken)
             ahead = max_steps - taken - limit
-            following = dispatch(dyn, current.state, batch, min(chunk_size, ahead), chunk_size) \
+            following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size) \
                 if ahead > 0 else None
             overflowed, went, active = current.settle()
             chunks += 1

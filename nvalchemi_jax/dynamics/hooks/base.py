@@ -51,8 +51,8 @@ class Hook:
 
     record / on_host: for observers that need the host (logging, snapshots):
     ``record(state, batch, ctx) -> pytree`` is evaluated on device at the end
-    of every step and kept, on due steps only, in a device buffer (one row per due
-    step; branch-free, as a ``lax.cond`` would read its predicate on the host);
+    of due steps only and kept in a device buffer (one row per due step; the step's
+    own skip test chooses between skipping, stepping, and stepping and recording);
     between chunks the run loop calls ``on_host(records, due, steps)`` with the
     rows recorded in that chunk (numpy, leading axis = due steps), a ``due``
     mask (all True) and the step indices. No device→host transfer happens
