@@ -565,17 +565,19 @@ def _system_geometry(batch: Batch, rc: float):
     pbc = np.asarray(batch.pbc)
     mask = np.asarray(batch.system_mask)
     n_atoms = np.asarray(batch.n_atoms)
-    positions = np.asarray(batch.positions, float)
     filled = np.flatnonzero(mask)
-    # Per-system coordinate ranges with reduceat over atoms sorted by system (no loop
-    # over systems: allocation of a 10,000-system batch spent 0.17 s in one).
-    index = np.asarray(batch.system_index)
-    order = np.argsort(index, kind="stable")
-    ordered = np.concatenate([positions[order], np.zeros((1, 3))])
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=batch.num_systems + 1))])
-    cuts = np.stack([bounds[filled], bounds[filled + 1]], axis=1).ravel()
-    extent = (np.maximum.reduceat(ordered, cuts, axis=0)[::2]
-              - np.minimum.reduceat(ordered, cuts, axis=0)[::2]) + rc   # clusters: a box around the atoms
+    extent = np.zeros((len(filled), 3))
+    if not pbc[filled].all():      # open axes: a box around the atoms (fully periodic: skipped)
+        # Per-system coordinate ranges with reduceat over atoms sorted by system (no loop
+        # over systems: allocation of a 10,000-system batch spent 0.17 s in one).
+        positions = np.asarray(batch.positions, float)
+        index = np.asarray(batch.system_index)
+        order = np.argsort(index, kind="stable")
+        ordered = np.concatenate([positions[order], np.zeros((1, 3))])
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(index, minlength=batch.num_systems + 1))])
+        cuts = np.stack([bounds[filled], bounds[filled + 1]], axis=1).ravel()
+        extent = (np.maximum.reduceat(ordered, cuts, axis=0)[::2]
+                  - np.minimum.reduceat(ordered, cuts, axis=0)[::2]) + rc
     lengths = np.where(pbc[filled], widths[filled], np.maximum(extent, rc))
     densities = n_atoms[filled] / np.prod(lengths, axis=1)
     return widths[filled], pbc[filled], n_atoms[filled], densities
@@ -642,18 +644,22 @@ def closest_pairs(batch: Batch, max_distance: float):
     spec, nl = allocate(batch, cutoff=max_distance, skin=0.0, max_neighbors=8)
     d, mask = _pair_vectors_jit(nl, batch.positions, batch.cell, batch)
     dist = np.where(np.asarray(mask), np.linalg.norm(np.asarray(d, float), axis=-1), np.inf)
-    indices = np.asarray(nl.indices)
     n_sys = batch.num_systems
     best = np.full(n_sys, np.inf)
     atom_i = np.zeros(n_sys, int)
     atom_j = np.zeros(n_sys, int)
-    filled = np.flatnonzero(np.asarray(batch.system_mask))
-    for s, idx in zip(filled, batch.system_slices()):   # idx is ascending
-        local = dist[idx]
-        if not np.isfinite(local).any():
-            continue
-        row, col = np.unravel_index(np.argmin(local), local.shape)
-        best[s] = local[row, col]
-        atom_i[s] = row
-        atom_j[s] = int(np.searchsorted(idx, indices[idx[row], col]))
+    # Rows with any pair this close are rare: only those are looked at (no loop over systems).
+    close = np.flatnonzero(np.isfinite(dist).any(axis=1))
+    if not close.size:
+        return best, atom_i, atom_j
+    system_index = np.asarray(batch.system_index)
+    indices = np.asarray(nl.indices)
+    for a in close:
+        s = system_index[a]
+        col = int(np.argmin(dist[a]))
+        if dist[a, col] < best[s]:
+            members = np.flatnonzero(system_index == s)       # ascending
+            best[s] = dist[a, col]
+            atom_i[s] = int(np.searchsorted(members, a))
+            atom_j[s] = int(np.searchsorted(members, indices[a, col]))
     return best, atom_i, atom_j

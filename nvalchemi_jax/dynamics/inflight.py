@@ -15,10 +15,13 @@ Every ``refill_frequency`` steps (one compiled chunk), on the host:
    variables, marks their neighbor rows stale and computes their forces.
 
 Host and device overlap: the refill and the next chunk are launched together from
-the run loop's worker thread, and the host hands the last chunk's records to
-observers and validates the next samples while they run; it then waits once per chunk, for the per-system fields
-it needs (per-atom ones are copied in the background and read only when a
-system finished).
+the run loop's worker thread, one chunk ahead: while the device runs chunk k + 1,
+the host reads chunk k, writes its finished systems and builds the refill that
+follows chunk k + 1 (a slot is reused one chunk after its system finished, and the
+device never waits for the host's batch building); it also hands the last records
+to observers and validates the next samples then. It waits once per chunk, for the
+per-system fields it needs (per-atom ones are copied in the background and read
+only when a system finished).
 
 Every sample that enters leaves exactly once: written to a sink (failed ones
 with their failure code), or, if ``max_steps`` stops the run first, reported
@@ -148,6 +151,24 @@ def _view(state, flags=None):
     return view, flags
 
 
+@dataclasses.dataclass
+class _Launch:
+    """A launched chunk, and what the host needs to redo it or to read around it."""
+
+    chunk: object           # run.Chunk
+    batch: object           # the batch it runs with (after its refill)
+    prepare: object         # its refill, or None
+    limit: int
+    freed: np.ndarray       # slots its refill cleared / started
+    new: np.ndarray
+
+
+def _refilled_status(view, dyn, freed, new):
+    """``view.status`` as a refill sets it (new systems failing at once show up later)."""
+    view.status = np.where(new, dyn.status_code,
+                           np.where(freed, status_codes.EMPTY, view.status)).astype(view.status.dtype)
+
+
 def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_steps: int | None = None,
                  progress: bool = False, min_distance: float | None = 0.5) -> InflightResult:
     """Run ``dyn`` over every sample of ``sampler``, writing finished systems to ``sinks``."""
@@ -166,10 +187,19 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
     occupancy, padding = [], []
     view, _ = _view(state)
     records = None                          # the last chunk's observer rows, not yet handed over
+    # Chunks launched and not yet read, oldest first. One is kept queued ahead: the host
+    # builds the next refill from the last chunk read while the device runs the next one,
+    # and the refill is applied after that one (a finished system's slot is reused one
+    # chunk later, and the device does not wait for the host).
+    launched: list[_Launch] = []
     try:
         while True:
             mask = host.system_mask
-            finished = mask & ((view.status == exit_status) | (view.status == status_codes.FAILED))
+            # Slots a launched refill changes: `view` predates it, so they are not read here.
+            touched = np.zeros_like(mask)
+            for launch in launched:
+                touched |= launch.freed | launch.new
+            finished = mask & ~touched & ((view.status == exit_status) | (view.status == status_codes.FAILED))
             freed = np.zeros_like(mask)
             if finished.any():
                 frames = Frames.from_state(view, host, finished)
@@ -182,28 +212,34 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             free_atoms = np.flatnonzero(~host.atom_mask | atom_freed)
             free_slots = np.flatnonzero(~mask | freed)
             indices = sampler.take(len(free_slots), len(free_atoms)) if len(free_slots) else []
+            new = np.zeros_like(mask)
             prepare = None          # the refill, launched with the next chunk
             if freed.any() or indices:
                 systems = sampler.systems(indices)
                 slots = free_slots[:len(systems)]
-                new = np.zeros_like(mask)
                 new[slots] = True
                 new_host = refilled_batch(host, freed, systems, slots, free_atoms)
                 new_batch, freed_d, new_d = jax.device_put((new_host, freed, new))
                 prepare = functools.partial(refill, dyn, old=batch, batch=new_batch, freed=freed_d, new=new_d)
                 batch, host = new_batch, new_host
                 refills += 1
-                # The statuses the refill set (new systems failing at once show up after the chunk).
-                view.status = np.where(new, dyn.status_code,
-                                       np.where(freed, status_codes.EMPTY, view.status)).astype(view.status.dtype)
+                _refilled_status(view, dyn, freed, new)
             if bar is not None:
                 bar.update_samples(written, view.status)
-            if not np.any(dyn.running(view, host)):
-                if prepare is not None:
-                    state = prepare(state)
-                    view, _ = _view(state)
+            running = np.any(dyn.running(view, host))
+            room = lambda: max_steps is None or taken + sum(x.limit for x in launched) < max_steps
+            if (running or prepare is not None) and room():
+                # A chunk with nothing to step still applies its refill (its steps are skipped).
+                limit = refill_frequency if max_steps is None else \
+                    min(refill_frequency, max_steps - taken - sum(x.limit for x in launched))
+                start = launched[-1].chunk if launched else state
+                launched.append(_Launch(dispatch(dyn, start, batch, limit, refill_frequency, prepare=prepare),
+                                        batch, prepare, limit, freed, new))
+            if len(launched) == 1 and running and room():
+                continue            # keep one chunk queued ahead before waiting
+            if not launched:
                 waiting = host.system_mask & ((view.status == exit_status) | (view.status == status_codes.FAILED))
-                if sampler.exhausted and not host.system_mask.any():
+                if (sampler.exhausted and not host.system_mask.any()) or (max_steps is not None and taken >= max_steps):
                     break
                 if waiting.any() and not indices and not freed.any():
                     hand_over(observers, records)
@@ -211,26 +247,35 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                     raise RuntimeError(f"the sinks are full: {int(waiting.sum())} finished systems cannot be "
                                        "written; add a sink or drain one")
                 continue
-            if max_steps is not None and taken >= max_steps:
-                break
-            limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - taken)
-            chunk = dispatch(dyn, state, batch, limit, refill_frequency, prepare=prepare)
-            # Host work while the device runs the refill and the chunk.
+            # Host work while the device runs: the last records, the next samples' validation.
             hand_over(observers, records)
             records = None
             if hasattr(sampler, "prefetch"):
                 sampler.prefetch(len(indices))
-            view, flags = _view(chunk.state, chunk.flags)
+            oldest = launched.pop(0)
+            view, flags = _view(oldest.chunk.state, oldest.chunk.flags)
             overflowed, went, _ = (int(x) for x in flags)
-            chunks += 1
+            chunks += went > 0      # (a refill with nothing to step launches an empty chunk)
             if overflowed:
-                # Redo the chunk from a larger list (forces again too if the refill overflowed).
+                # Redo the chunk from a larger list (forces again too if its refill overflowed),
+                # and the chunk queued after it.
                 regrows += 1
-                state = regrown(dyn, chunk.start, chunk.state, batch)
-                view, _ = _view(state)
+                start = regrown(dyn, oldest.chunk.start, oldest.chunk.state, oldest.batch)
+                none = np.zeros_like(oldest.freed)     # its refill is in `start` already
+                redo = [_Launch(dispatch(dyn, start, oldest.batch, oldest.limit, refill_frequency),
+                                oldest.batch, None, oldest.limit, none, none)]
+                for launch in launched:
+                    redo.append(dataclasses.replace(launch, chunk=dispatch(
+                        dyn, redo[-1].chunk, launch.batch, launch.limit, refill_frequency, prepare=launch.prepare)))
+                launched = redo
+                view, _ = _view(start)
+                for launch in launched[1:]:
+                    _refilled_status(view, dyn, launch.freed, launch.new)
                 continue
             taken += went
-            state, records = chunk.state, chunk.buffers
+            state, records = oldest.chunk.state, oldest.chunk.buffers
+            for launch in launched:                 # refills the view does not show yet
+                _refilled_status(view, dyn, launch.freed, launch.new)
             occupancy.append(host.system_mask.mean())
             padding.append(host.atom_mask.mean())
         hand_over(observers, records)
