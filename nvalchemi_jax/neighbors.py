@@ -489,15 +489,17 @@ def _keep(nl, positions, cell, batch, systems):
 def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
     """Rebuild the list when some system needs it (jit-able); skips all work when none does.
 
-    With the GPU kernels a build skips the rows it is not asked for, so only the systems
-    that need it are rebuilt, together with any past half their skin (rebuilt early, so
-    that requests come in groups rather than one system per step). XLA's forms cost the
-    same for one system as for all: there, every system is rebuilt.
+    When an atom has moved past the skin, every system is rebuilt: in MD all systems
+    drift alike, and rebuilding them together keeps rebuilds rare. Systems marked stale
+    (refilled slots) alone are rebuilt alone with the GPU kernels, which skip the rows
+    they are not asked for, together with any system past half its skin; XLA's forms
+    cost the same for one system as for all, so there every system is rebuilt.
     """
     moved = drift(nl, positions, cell, batch)
     mask = batch.system_mask
-    rebuild = mask & (_beyond(moved, nl.spec.skin) | nl.stale)
-    systems = rebuild | (mask & _beyond(moved, 0.5 * nl.spec.skin))
+    far = mask & _beyond(moved, nl.spec.skin)
+    rebuild = far | (mask & nl.stale)
+    systems = jnp.where(jnp.any(far), mask, rebuild | (mask & _beyond(moved, 0.5 * nl.spec.skin)))
     # Module-level branches: eager calls reuse the compiled cond instead of retracing.
     return jax.lax.cond(jnp.any(rebuild), _rebuild, _keep, nl, positions, cell, batch, systems)
 
