@@ -35,7 +35,7 @@ case $part in
     run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50
     run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
   part2)
-    run w3_relax 150 bench_w3_relax.py --count 10000 --batch-size 2048 --mixed-count 1000 \
+    run w3_relax 230 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --mixed-count 1000 \
       --mixed-batch 128 --fused-count 500 --peers
     run w4_hooks 100 bench_w4_hooks.py --batches 1024 --steps 1000
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
