@@ -734,3 +734,27 @@ def test_cells_one_cutoff_wide_scan_two_images_per_axis(x64):
     spec, nl = neighbors.allocate(batch, cutoff=CUTOFF, skin=SKIN, method="all_pairs")
     assert int(nl.needed[1]) == 8 * n and spec.max_candidates == 8 * n
     check_against_brute_force(nl, batch, ["triclinic"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_partial_build_rebuilds_only_the_given_systems(method):
+    """``build(previous=, systems=)``: the given systems' rows, references and shifts are a
+    fresh build's; every other row is the previous list's, bit for bit (both the XLA forms
+    and the kernels, which skip those rows)."""
+    batch = make_batch(VERLET, capacity=CAP)
+    spec = make_spec(method)
+    old = BUILD(spec, batch.positions, batch.cell, batch)
+    rng = np.random.default_rng(1)
+    moved = batch.positions + jnp.asarray(rng.normal(0, 0.2, batch.positions.shape), batch.dtype)
+    systems = jnp.array([True, False, True, False, False])
+    partial = jax.jit(neighbors.build, static_argnums=0)(spec, moved, batch.cell, batch, old, systems)
+    fresh = BUILD(spec, moved, batch.cell, batch)
+    atom = np.asarray(systems)[np.minimum(np.asarray(batch.system_index), 4)] & np.asarray(batch.atom_mask)
+    for field in ("indices", "shifts", "reference_positions"):
+        got = np.asarray(getattr(partial, field))
+        np.testing.assert_array_equal(got[atom], np.asarray(getattr(fresh, field))[atom], err_msg=field)
+        np.testing.assert_array_equal(got[~atom], np.asarray(getattr(old, field))[~atom], err_msg=field)
+    np.testing.assert_array_equal(np.asarray(partial.rebuilds), np.asarray(systems).astype(int))
+    np.testing.assert_array_equal(np.asarray(partial.max_shift)[[0, 2]], np.asarray(fresh.max_shift)[[0, 2]])
+    np.testing.assert_array_equal(np.asarray(partial.max_shift)[[1, 3]], np.asarray(old.max_shift)[[1, 3]])
+    assert not bool(partial.overflow)
