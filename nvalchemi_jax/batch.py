@@ -131,10 +131,10 @@ class Batch:
             velocities=velocities, masses=masses, fixed=fixed, tags=tags, charges=charges,
             sample_ids=sample_ids,
         )
-        sizes = [len(s["atomic_numbers"]) for s in systems]
+        sizes = _validation.sizes_of(systems).tolist()
         if capacity is None:
             capacity = Capacity.for_systems(sizes)
-        _validation.check_fits(sizes, [s["sample_id"] for s in systems], capacity)
+        _validation.check_fits(sizes, _validation.sample_ids_of(systems), capacity)
         batch = cls._pack(systems, capacity)
         if min_distance is not None and on_close_atoms != "ignore":
             _validation.check_close_atoms(batch, min_distance, on_close_atoms, _stacklevel)
@@ -160,21 +160,23 @@ class Batch:
         sample_id = np.full(s_cap, -1, np.int32)
         # Whole-field concatenations (a per-system loop of slice assignments was the
         # slowest part of building a batch of 10,000 small systems).
-        sizes = np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
+        sizes = _validation.sizes_of(systems)
         total, count = int(sizes.sum()), len(systems)
+        columns = isinstance(systems, _validation.Columns)   # already joined: one copy per field
         systems = systems or [_NO_SYSTEM]             # an all-padding batch: nothing to copy
-        atoms = lambda key: np.concatenate([s[key] for s in systems])
+        atoms = (lambda key: systems.atoms[key]) if columns else \
+            (lambda key: np.concatenate([s[key] for s in systems]))
         for array, key in ((positions, "positions"), (velocities, "velocities"),
                            (atomic_numbers, "atomic_numbers"), (masses, "masses"), (fixed, "fixed"),
                            (tags, "tags"), (charges, "charges")):
             array[:total] = atoms(key)
         system_index[:total] = np.repeat(np.arange(count, dtype=np.int32), sizes)
         atom_mask[:total] = True
-        cell[:count] = np.stack([s["cell"] for s in systems])
-        pbc[:count] = np.stack([s["pbc"] for s in systems])
+        cell[:count] = systems.cell if columns else np.stack([s["cell"] for s in systems])
+        pbc[:count] = systems.pbc if columns else np.stack([s["pbc"] for s in systems])
         n_atoms[:count] = sizes
         system_mask[:count] = True
-        sample_id[:count] = [s["sample_id"] for s in systems]
+        sample_id[:count] = _validation.sample_ids_of(systems) if count else []
         return cls(
             positions=jnp.asarray(positions), velocities=jnp.asarray(velocities),
             atomic_numbers=jnp.asarray(atomic_numbers), masses=jnp.asarray(masses),
