@@ -283,7 +283,9 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previ
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
     i = jnp.arange(n_atoms, dtype=jnp.int32)
-    if _pallas.wanted(n_atoms):
+    # The kernel pays only when it can skip rows (a partial rebuild): a whole build is faster
+    # in XLA's form (H200: 4.2 vs 7.6 ms for 1,024 x 256 atoms, 71 vs 88 ms for 10,000 x 108).
+    if _pallas.wanted(n_atoms) and todo is not None:
         indices, shifts, total, reach = neighbor_kernels.scan_systems(
             positions, frac, frame, sys_i, order, start_i, candidates_i, images_i, radix_i,
             reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
@@ -474,12 +476,16 @@ def drift(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch)
     return 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
 
 
-def _rebuild(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
-    if _pallas.wanted(positions.shape[0]):
-        return build(nl.spec, positions, cell, batch, previous=nl, systems=systems)
+def _rebuild_all(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
     new = build(nl.spec, positions, cell, batch)
     return new.replace(rebuilds=nl.rebuilds + batch.system_mask.astype(jnp.int32),
                        needed=jnp.maximum(nl.needed, new.needed))
+
+
+def _rebuild_some(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
+    if not _pallas.wanted(positions.shape[0]):      # XLA's forms cost the same for all systems
+        return _rebuild_all(nl, positions, cell, batch, systems)
+    return build(nl.spec, positions, cell, batch, previous=nl, systems=systems)
 
 
 def _keep(nl, positions, cell, batch, systems):
@@ -498,10 +504,12 @@ def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch
     moved = drift(nl, positions, cell, batch)
     mask = batch.system_mask
     far = mask & _beyond(moved, nl.spec.skin)
-    rebuild = far | (mask & nl.stale)
-    systems = jnp.where(jnp.any(far), mask, rebuild | (mask & _beyond(moved, 0.5 * nl.spec.skin)))
-    # Module-level branches: eager calls reuse the compiled cond instead of retracing.
-    return jax.lax.cond(jnp.any(rebuild), _rebuild, _keep, nl, positions, cell, batch, systems)
+    stale = mask & nl.stale
+    systems = stale | (mask & _beyond(moved, 0.5 * nl.spec.skin))
+    # One switch (a GPU reads one predicate per step): keep, rebuild some, rebuild all.
+    # Module-level branches: eager calls reuse the compiled switch instead of retracing.
+    index = jnp.where(jnp.any(far), 2, jnp.where(jnp.any(stale), 1, 0))
+    return jax.lax.switch(index, (_keep, _rebuild_some, _rebuild_all), nl, positions, cell, batch, systems)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:
