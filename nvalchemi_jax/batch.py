@@ -29,6 +29,13 @@ def default_float_dtype() -> np.dtype:
     return np.dtype(jnp.zeros((), dtype=float).dtype)
 
 
+# What padding atoms and empty system slots hold (``system_index`` of padding is ``S``).
+PADDING = {"positions": 0.0, "velocities": 0.0, "atomic_numbers": 0, "masses": 1.0, "atom_mask": False,
+           "fixed": False, "tags": 0, "charges": 0.0,
+           "cell": 0.0, "pbc": False, "n_atoms": 0, "system_mask": False, "sample_id": -1}
+ATOM_FIELDS = ("positions", "velocities", "atomic_numbers", "masses", "fixed", "tags", "charges")
+
+
 @struct.dataclass
 class Batch:
     """A padded batch of atomic systems (see the module docstring for the layout).
@@ -144,20 +151,21 @@ class Batch:
     def _pack(cls, systems: list[dict], capacity: Capacity) -> "Batch":
         n_cap, s_cap = capacity.num_atoms, capacity.num_systems
         fdt = default_float_dtype()
-        positions = np.zeros((n_cap, 3), fdt)
-        velocities = np.zeros((n_cap, 3), fdt)
-        atomic_numbers = np.zeros(n_cap, np.int32)
-        masses = np.ones(n_cap, fdt)
+        pad = lambda field, shape, dtype: np.full(shape, PADDING[field], dtype)
+        positions = pad("positions", (n_cap, 3), fdt)
+        velocities = pad("velocities", (n_cap, 3), fdt)
+        atomic_numbers = pad("atomic_numbers", n_cap, np.int32)
+        masses = pad("masses", n_cap, fdt)
         system_index = np.full(n_cap, s_cap, np.int32)
-        atom_mask = np.zeros(n_cap, bool)
-        fixed = np.zeros(n_cap, bool)
-        tags = np.zeros(n_cap, np.int32)
-        charges = np.zeros(n_cap, fdt)
-        cell = np.zeros((s_cap, 3, 3), fdt)
-        pbc = np.zeros((s_cap, 3), bool)
-        n_atoms = np.zeros(s_cap, np.int32)
-        system_mask = np.zeros(s_cap, bool)
-        sample_id = np.full(s_cap, -1, np.int32)
+        atom_mask = pad("atom_mask", n_cap, bool)
+        fixed = pad("fixed", n_cap, bool)
+        tags = pad("tags", n_cap, np.int32)
+        charges = pad("charges", n_cap, fdt)
+        cell = pad("cell", (s_cap, 3, 3), fdt)
+        pbc = pad("pbc", (s_cap, 3), bool)
+        n_atoms = pad("n_atoms", s_cap, np.int32)
+        system_mask = pad("system_mask", s_cap, bool)
+        sample_id = pad("sample_id", s_cap, np.int32)
         # Whole-field concatenations (a per-system loop of slice assignments was the
         # slowest part of building a batch of 10,000 small systems).
         sizes = _validation.sizes_of(systems)

@@ -289,8 +289,7 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previ
         indices, shifts, total, reach = neighbor_kernels.scan_systems(
             positions, frac, frame, sys_i, order, start_i, candidates_i, images_i, radix_i,
             reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
-            shift_dtype=spec.shift_dtype, todo=todo,
-            previous=previous)
+            shift_dtype=spec.shift_dtype, todo=todo, previous=previous)
         return indices, shifts, total, reach, (jnp.max(candidates), 0, 0)
     block = min(spec.block_size, spec.max_candidates)
     n_blocks = -(-spec.max_candidates // block)

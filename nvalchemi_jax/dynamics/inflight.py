@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax.batch import Batch, gather_systems
+from nvalchemi_jax._validation import sizes_of
+from nvalchemi_jax.batch import ATOM_FIELDS, PADDING, Batch, gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import blend_stage
 from nvalchemi_jax.dynamics.run import _observers, _Progress, dispatch, hand_over, regrown
@@ -94,11 +95,6 @@ def refill(dyn, state, old, batch, freed, new):
     return dyn._mark_failures(state, state, batch, new)
 
 
-_ATOM_FILL = {"positions": 0.0, "velocities": 0.0, "atomic_numbers": 0, "masses": 1.0, "fixed": False,
-              "tags": 0, "charges": 0.0}
-_SYSTEM_FILL = {"cell": 0.0, "pbc": False, "n_atoms": 0, "system_mask": False, "sample_id": -1}
-
-
 def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: np.ndarray,
                    atom_slots: np.ndarray) -> Batch:
     """The batch after a refill, built on the host (numpy leaves): ``freed (S,)`` slots
@@ -106,16 +102,16 @@ def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: n
     atom in order, into the free atom slots ``atom_slots``. Whole-field copies, no loop
     over systems."""
     n_sys = host.num_systems
-    sizes = np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
+    sizes = sizes_of(systems)
     dst = atom_slots[:int(sizes.sum())]
     # Freed atoms that no new system takes (usually few): the only ones set to the fill.
     atom_freed = np.append(freed, False)[host.system_index]
     atom_freed[dst] = False
     cleared = np.flatnonzero(atom_freed)
     out = {}
-    for field, fill in _ATOM_FILL.items():
+    for field in ATOM_FIELDS:
         x = np.array(getattr(host, field))
-        x[cleared] = fill
+        x[cleared] = PADDING[field]
         if systems:
             x[dst] = np.concatenate([s[field] for s in systems])
         out[field] = x
@@ -123,13 +119,13 @@ def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: n
     system_index[cleared] = n_sys
     system_index[dst] = np.repeat(slots, sizes)
     atom_mask = np.array(host.atom_mask)
-    atom_mask[cleared] = False
+    atom_mask[cleared] = PADDING["atom_mask"]
     atom_mask[dst] = True
     values = {"cell": [s["cell"] for s in systems], "pbc": [s["pbc"] for s in systems], "n_atoms": sizes,
               "system_mask": True, "sample_id": [s["sample_id"] for s in systems]}
-    for field, fill in _SYSTEM_FILL.items():
+    for field in values:
         x = np.array(getattr(host, field))
-        x[freed] = fill
+        x[freed] = PADDING[field]
         if systems:
             x[slots] = values[field]
         out[field] = x
@@ -227,11 +223,11 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
             if bar is not None:
                 bar.update_samples(written, view.status)
             running = np.any(dyn.running(view, host))
-            room = lambda: max_steps is None or taken + sum(x.limit for x in launched) < max_steps
+            planned = lambda: taken + sum(x.limit for x in launched)    # steps taken or launched
+            room = lambda: max_steps is None or planned() < max_steps
             if (running or prepare is not None) and room():
                 # A chunk with nothing to step still applies its refill (its steps are skipped).
-                limit = refill_frequency if max_steps is None else \
-                    min(refill_frequency, max_steps - taken - sum(x.limit for x in launched))
+                limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - planned())
                 start = launched[-1].chunk if launched else state
                 launched.append(_Launch(dispatch(dyn, start, batch, limit, refill_frequency, prepare=prepare),
                                         batch, prepare, limit, freed, new))
