@@ -73,7 +73,7 @@ class NeighborSpec:
     max_atoms_per_bin: cell_list: atoms scanned per bin.
     max_image_shift: cell_list: ``R``, bins scanned on each side (1 unless a
         periodic cell is thinner than ``cutoff + skin``).
-    block_size: all_pairs: candidates examined per scan step (memory vs speed).
+    block_size: candidates per atom tested in one pass of a build (memory vs speed).
     shift_dtype: storage of the lattice shifts: ``"int8"`` (the list is read every step,
         and a byte per component is 4x less traffic than int32) or ``"int32"`` (what
         :func:`grow` switches to when atoms drift more than 127 cells from their cell).
@@ -86,7 +86,7 @@ class NeighborSpec:
     max_candidates: int = 256
     max_atoms_per_bin: int = 32
     max_image_shift: int = 1
-    block_size: int = 256
+    block_size: int = 4096
     shift_dtype: str = "int8"
 
     def __post_init__(self):
@@ -203,33 +203,103 @@ def _frame_and_widths(cell, pbc):
     return frame, inverse, widths
 
 
-def _append(carry, j, n, ok):
-    """Append candidates ``j (N, B)`` with shifts ``n (N, B, 3)`` where ``ok`` to the rows
-    (shifts stored as int8; ``reach (N, 3)`` keeps each row's largest |shift| per axis, so
-    a shift too large for int8 is detected rather than wrapped)."""
-    indices, shifts, count, reach = carry
-    k = indices.shape[1]
-    slot = count[:, None] + jnp.cumsum(ok, axis=1, dtype=jnp.int32) - 1
-    slot = jnp.where(ok & (slot < k), slot, k)
-    rows = jnp.arange(indices.shape[0])[:, None]
-    indices = indices.at[rows, slot].set(j, mode="drop")
-    most = jnp.iinfo(shifts.dtype).max
-    shifts = shifts.at[rows, slot].set(jnp.clip(n, -most, most).astype(shifts.dtype), mode="drop")
-    reach = jnp.maximum(reach, jnp.max(jnp.where(ok[..., None], jnp.abs(n), 0), axis=1))
-    return indices, shifts, count + jnp.sum(ok, axis=1, dtype=jnp.int32), reach
+WORD = 32   # candidates per bit-mask word
 
 
-def _empty_rows(spec, n_atoms):
-    return (jnp.full((n_atoms, spec.max_neighbors), n_atoms, jnp.int32),
-            jnp.zeros((n_atoms, spec.max_neighbors, 3), spec.shift_dtype),
-            jnp.zeros(n_atoms, jnp.int32), jnp.zeros((n_atoms, 3), jnp.int32))
+def _compact(spec, n_atoms, n_candidates, candidate):
+    """Rows of the table from a per-row candidate enumeration, without scattering.
+
+    ``candidate(m) -> (j, n, ok)`` evaluates candidates ``m (N, B)`` (int32, per row; any
+    value in ``[0, n_candidates)`` rounded up to whole words) as neighbor ``j (N, B)``,
+    lattice shift ``n`` (three ``(N, B)`` components: arrays stacked on a last axis of 3
+    were materialised between kernels) and acceptance ``ok (N, B)``. Two passes: (1) every
+    candidate is tested and the results are packed as bits, 32 per word (a reduction XLA
+    fuses with the test, so only ``N × C / 32`` words reach memory); (2) entry ``s`` of a
+    row is its ``s``-th accepted candidate, found by a binary search over the words'
+    running bit counts and then within the word, and evaluated again. Both passes write
+    whole rows in order: an H200 spent ~4 ms scattering the accepted candidates of
+    1,024 x 256 atoms into their slots. Candidate order, and so the table, is unchanged.
+
+    Returns ``indices (N, K)``, ``shifts (N, K, 3)`` (``spec.shift_dtype``, clipped),
+    ``total (N,)`` accepted candidates (may exceed K) and ``reach (N, 3)`` the largest
+    ``|shift|`` per axis among the entries.
+    """
+    k = spec.max_neighbors
+    n_words = max(1, -(-n_candidates // WORD))
+    per_block = max(1, min(n_words, spec.block_size // WORD))
+    n_blocks = -(-n_words // per_block)
+    bit = jnp.arange(WORD, dtype=jnp.uint32)
+
+    def pack(b):
+        m = (b * per_block * WORD + jnp.arange(per_block * WORD, dtype=jnp.int32))
+        _, _, ok = candidate(jnp.broadcast_to(m, (n_atoms, m.size)))
+        ok = ok.reshape(n_atoms, per_block, WORD).astype(jnp.uint32)
+        return jnp.sum(ok << bit, axis=-1, dtype=jnp.uint32)       # distinct bits: sum = or
+
+    if n_blocks == 1:
+        words = pack(0)
+    else:   # bounded memory for long candidate lists
+        words = jax.lax.map(pack, jnp.arange(n_blocks, dtype=jnp.int32))
+        words = jnp.moveaxis(words, 0, 1).reshape(n_atoms, n_blocks * per_block)
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    running = jnp.cumsum(counts, axis=1)                              # (N, W) inclusive
+    total = running[:, -1]
+    s = jnp.arange(k, dtype=jnp.int32)[None, :]
+    # The word holding entry s: how many words' running counts are <= s (binary search).
+    w = jnp.zeros((n_atoms, k), jnp.int32)
+    step = 1 << (running.shape[1].bit_length() - 1)
+    while step:
+        probe = w + step
+        at = _row_take(running, jnp.minimum(probe, running.shape[1]) - 1)
+        w = jnp.where((probe <= running.shape[1]) & (at <= s), probe, w)
+        step >>= 1
+    live = s < jnp.minimum(total, k)[:, None]
+    w = jnp.where(live, w, 0)
+    word = _row_take(words, w)
+    rank = (s - _row_take(running - counts, w)).astype(jnp.uint32)
+    # The rank-th set bit of the word: halve the range five times.
+    pos = jnp.zeros_like(word)
+    for width in (16, 8, 4, 2, 1):
+        low = jax.lax.population_count((word >> pos) & jnp.uint32((1 << width) - 1))
+        up = rank >= low
+        rank = jnp.where(up, rank - low, rank)
+        pos = jnp.where(up, pos + width, pos)
+    m = jnp.where(live, w * WORD + pos.astype(jnp.int32), 0)
+    j, n, _ = candidate(m)
+    most = SHIFT_DTYPES[spec.shift_dtype]
+    indices = jnp.where(live, j, n_atoms).astype(jnp.int32)
+    n = [jnp.where(live, c, 0) for c in n]
+    shifts = jnp.stack([jnp.clip(c, -most, most).astype(spec.shift_dtype) for c in n], axis=-1)
+    reach = jnp.stack([jnp.max(jnp.abs(c), axis=1) for c in n], axis=-1).astype(jnp.int32)
+    return indices, shifts, total, reach
 
 
-def _pair_ok(positions, frame_i, i, j, n, valid, rc2):
-    """Candidates within the list cutoff that are not an atom paired with itself."""
-    d = positions[j] - positions[i][:, None, :] + vecmat(n.astype(positions.dtype), frame_i[:, None])
-    d2 = jnp.sum(d * d, axis=-1)
-    self_pair = (j == i[:, None]) & jnp.all(n == 0, axis=-1)
+def _row_take(table, column):
+    """``table[i, column[i, b]]`` for ``table (N, W)``, ``column (N, B)``, as a gather from the
+    flattened table (``take_along_axis`` builds an ``(N, B, 2)`` index array in memory)."""
+    width = table.shape[1]
+    rows = jnp.arange(table.shape[0], dtype=jnp.int32)[:, None] * width
+    return table.reshape(-1)[rows + column]
+
+
+def _quotient(x, divisor, inverse):
+    """``x // divisor`` for non-negative int32 ``x < 2**21`` and ``divisor >= 1``, with
+    ``inverse = 1 / divisor`` in float32: a multiply instead of an integer division (tens
+    of instructions on a GPU, and a build divides for every candidate)."""
+    # (x + 0.5) / divisor is at least 0.5 / divisor from an integer; the two roundings
+    # err by under 2**-23 of it, which is less for x < 2**21.
+    return jnp.floor((x.astype(jnp.float32) + 0.5) * inverse).astype(jnp.int32)
+
+
+def _pair_ok(x_i, x_j, frame_i, i, j, n, valid, rc2):
+    """Candidates (at ``x_j``, three ``(N, B)`` components, with shifts ``n`` likewise) within
+    the list cutoff of atoms ``i`` (at ``x_i (N, 3)``) that are not an atom paired with itself."""
+    d2 = 0.0
+    for a in range(3):
+        d = x_j[a] - x_i[:, a, None] + sum(n[r].astype(x_i.dtype) * frame_i[:, r, a, None]
+                                         for r in range(3))
+        d2 = d2 + d * d
+    self_pair = (j == i[:, None]) & (n[0] == 0) & (n[1] == 0) & (n[2] == 0)
     return valid & (d2 < rc2) & ~self_pair
 
 
@@ -291,25 +361,37 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previ
             reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
             shift_dtype=spec.shift_dtype, todo=todo, previous=previous)
         return indices, shifts, total, reach, (jnp.max(candidates), 0, 0)
-    block = min(spec.block_size, spec.max_candidates)
-    n_blocks = -(-spec.max_candidates // block)
 
-    def body(carry, b):
-        m = b * block + jnp.arange(block, dtype=jnp.int32)
-        valid = m[None, :] < candidates_i[:, None]
+    if spec.max_candidates < 2**21:        # divisions as float multiplies (see _quotient)
+        inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
+        r2, r12 = radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
+        per_count, per_r2, per_r12 = inverse_of(count_i[:, None]), inverse_of(r2), inverse_of(r12)
+
+        def split(m):
+            m = jnp.minimum(m, spec.max_candidates)     # larger m are invalid anyway
+            image = _quotient(m, count_i[:, None], per_count)
+            first = _quotient(image, r12, per_r12)
+            rest = image - first * r12
+            second = _quotient(rest, r2, per_r2)
+            return m - image * count_i[:, None], [first, second, rest - second * r2]
+    else:
+        def split(m):
+            image = m // count_i[:, None]
+            return m % count_i[:, None], neighbor_kernels.image_digits(image, radix_i[:, 1:2],
+                                                                        radix_i[:, 2:3])
+
+    def candidate(m):
+        valid = m < candidates_i[:, None]
         # Candidates image by image, each over the system's atoms (the kernel's order).
-        atom = m[None, :] % count_i[:, None]
-        image = m[None, :] // count_i[:, None]
-        digit = jnp.stack(neighbor_kernels.image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3]),
-                          axis=-1)
+        atom, digit = split(m)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
-        n = neighbor_kernels.image_shift(frac[j] - frac[:, None, :], digit, periodic[:, None, :],
-                                         flip_i[:, None, None], reach_i[:, None, :])
-        ok = _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)
-        return _append(carry, j, n, ok), None
+        n = [neighbor_kernels.image_shift(frac[:, a][j] - frac[:, a, None], digit[a],
+                                          periodic[:, a, None], flip_i[:, None], reach_i[:, a, None])
+             for a in range(3)]
+        x_j = [positions[:, a][j] for a in range(3)]
+        return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
-    (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
-                                                      jnp.arange(n_blocks, dtype=jnp.int32))
+    indices, shifts, total, reach = _compact(spec, n_atoms, spec.max_candidates, candidate)
     return _kept(indices, shifts, todo, previous) + (total, reach, (jnp.max(candidates), 0, 0))
 
 
@@ -377,16 +459,21 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths, todo, previ
             max_neighbors=spec.max_neighbors, max_atoms_per_bin=m_bin,
             shift_dtype=jnp.dtype(spec.shift_dtype), todo=todo, previous=previous)
     else:
-        m = jnp.arange(m_bin, dtype=jnp.int32)
+        # Each stencil bin's candidates fill whole words; read in bin order (positions
+        # sorted by bin: a bin's atoms are contiguous).
+        per_bin = -(-m_bin // WORD) * WORD
+        sorted_positions, sorted_own = positions[order], own[order]
 
-        def body(carry, t):
-            valid = m[None, :] < count[:, t, None]
-            j = order[jnp.clip(lo[:, t, None] + m[None, :], 0, n_atoms - 1)]
-            n = base[:, t, None, :] - own[j]
-            return _append(carry, j, n, _pair_ok(positions, frame_i, i, j, n, valid, rc * rc)), None
+        def candidate(m):
+            t, q = jnp.minimum(m // per_bin, len(stencil) - 1), m % per_bin
+            valid = (m < len(stencil) * per_bin) & (q < _row_take(count, t))
+            at = jnp.clip(_row_take(lo, t) + q, 0, n_atoms - 1)
+            j = order[at]
+            n = [_row_take(base[:, :, a], t) - sorted_own[:, a][at] for a in range(3)]
+            x_j = [sorted_positions[:, a][at] for a in range(3)]
+            return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
-        (indices, shifts, total, reach), _ = jax.lax.scan(body, _empty_rows(spec, n_atoms),
-                                                          jnp.arange(len(stencil)))
+        indices, shifts, total, reach = _compact(spec, n_atoms, len(stencil) * per_bin, candidate)
         indices, shifts = _kept(indices, shifts, todo, previous)
     return indices, shifts, total, reach, (0, jnp.max(occupancy), need_r)
 
@@ -593,7 +680,7 @@ def _system_geometry(batch: Batch, rc: float):
 
 
 def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto",
-             max_neighbors: int | None = None, block_size: int = 256) -> tuple[NeighborSpec, NeighborList]:
+             max_neighbors: int | None = None, block_size: int = 4096) -> tuple[NeighborSpec, NeighborList]:
     """Choose a spec for ``batch`` (host side), build the list, and grow until nothing overflows.
 
     ``method="auto"`` picks all-pairs when a system's atoms are fewer than the

@@ -758,3 +758,14 @@ def test_partial_build_rebuilds_only_the_given_systems(method):
     np.testing.assert_array_equal(np.asarray(partial.max_shift)[[0, 2]], np.asarray(fresh.max_shift)[[0, 2]])
     np.testing.assert_array_equal(np.asarray(partial.max_shift)[[1, 3]], np.asarray(old.max_shift)[[1, 3]])
     assert not bool(partial.overflow)
+
+
+def test_float_quotient_is_exact_below_two_to_the_21():
+    """The all-pairs builds split candidate numbers by a float multiply (no integer
+    division): exact for every x < 2**21, checked against integer division over the whole
+    range for small, power-of-two-neighbouring and large divisors."""
+    x = jnp.arange(2**21, dtype=jnp.int32)
+    for d in (1, 2, 3, 5, 7, 27, 100, 107, 255, 256, 257, 1000, 4095, 65535, 2**20, 2**21 - 1):
+        inverse = 1.0 / jnp.float32(d)
+        got = np.asarray(neighbors._quotient(x, jnp.int32(d), inverse))
+        np.testing.assert_array_equal(got, np.arange(2**21) // d, err_msg=f"divisor {d}")
