@@ -53,7 +53,7 @@ from flax import struct
 
 from nvalchemi_jax._linalg import inv3, vecmat
 from nvalchemi_jax.batch import Batch, gather_systems
-from nvalchemi_jax import _pallas, neighbor_kernels, segments
+from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
 SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> largest |n|
@@ -320,6 +320,20 @@ def _system_segments(batch: Batch):
 
 
 # --------------------------------------------------------------------------- builders
+def _image_digits(image, radix_1, radix_2):
+    """Mixed-radix digits (per axis) of an all-pairs image number."""
+    return [image // (radix_1 * radix_2), (image // radix_2) % radix_1, image % radix_2]
+
+
+def _image_shift(dfrac, digit, periodic, flip, reach):
+    """All-pairs lattice shift along one axis (elementwise): the nearest image of a
+    fractional separation ``dfrac``, then digit 0 and 1 = that image and the one on its far
+    side in one-flip systems, else digits 0 .. 2 reach = shifts -reach .. reach."""
+    nearest = jnp.where(periodic, -jnp.floor(dfrac + 0.5), 0.0)
+    away = jnp.where(dfrac + nearest >= 0, -1, 1)
+    return nearest.astype(jnp.int32) + jnp.where(flip, digit * away, digit - reach)
+
+
 def _one_flip(reach, widths, rc):
     """``(S,) bool``: systems whose periodic axes are all at least ``rc`` wide where they
     need images (``reach`` <= 1). Then, along each axis, only the nearest image and the
@@ -329,7 +343,7 @@ def _one_flip(reach, widths, rc):
     return ((reach == 0) | ((reach == 1) & (rc <= widths))).all(axis=1)
 
 
-def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previous):
+def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     n_atoms = positions.shape[0]
     rc = spec.list_cutoff
     sys_i = batch.system_index
@@ -353,15 +367,6 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previ
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
     i = jnp.arange(n_atoms, dtype=jnp.int32)
-    # The kernel pays only when it can skip rows (a partial rebuild): a whole build is faster
-    # in XLA's form (H200: 4.2 vs 7.6 ms for 1,024 x 256 atoms, 71 vs 88 ms for 10,000 x 108).
-    if _pallas.wanted(n_atoms) and todo is not None:
-        indices, shifts, total, reach = neighbor_kernels.scan_systems(
-            positions, frac, frame, sys_i, order, start_i, candidates_i, images_i, radix_i,
-            reach_i, flip_i, periodic, rc=rc, max_neighbors=spec.max_neighbors,
-            shift_dtype=spec.shift_dtype, todo=todo, previous=previous)
-        return indices, shifts, total, reach, (jnp.max(candidates), 0, 0)
-
     if spec.max_candidates < 2**21:        # divisions as float multiplies (see _quotient)
         inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
         r2, r12 = radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
@@ -377,25 +382,23 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths, todo, previ
     else:
         def split(m):
             image = m // count_i[:, None]
-            return m % count_i[:, None], neighbor_kernels.image_digits(image, radix_i[:, 1:2],
-                                                                        radix_i[:, 2:3])
+            return m % count_i[:, None], _image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3])
 
     def candidate(m):
         valid = m < candidates_i[:, None]
-        # Candidates image by image, each over the system's atoms (the kernel's order).
+        # Candidates image by image, each over the system's atoms.
         atom, digit = split(m)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
-        n = [neighbor_kernels.image_shift(frac[:, a][j] - frac[:, a, None], digit[a],
-                                          periodic[:, a, None], flip_i[:, None], reach_i[:, a, None])
+        n = [_image_shift(frac[:, a][j] - frac[:, a, None], digit[a], periodic[:, a, None],
+                          flip_i[:, None], reach_i[:, a, None])
              for a in range(3)]
         x_j = [positions[:, a][j] for a in range(3)]
         return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
-    indices, shifts, total, reach = _compact(spec, n_atoms, spec.max_candidates, candidate)
-    return _kept(indices, shifts, todo, previous) + (total, reach, (jnp.max(candidates), 0, 0))
+    return _compact(spec, n_atoms, spec.max_candidates, candidate) + ((jnp.max(candidates), 0, 0),)
 
 
-def _build_cell_list(spec, positions, batch, frame, inverse, widths, todo, previous):
+def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     n_atoms, n_sys = positions.shape[0], batch.num_systems
     rc = spec.list_cutoff
     m_bin = spec.max_atoms_per_bin
@@ -453,76 +456,39 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths, todo, previ
     count = jnp.minimum(occupancy, m_bin)
     own = floor.astype(jnp.int32)
     base = jnp.where(periodic[:, None, :], image, 0) + own[:, None, :]   # + own cell of origin
-    if _pallas.wanted(n_atoms):
-        indices, shifts, total, reach = neighbor_kernels.scan_bins(
-            positions, frame, sys_i, order, own, lo, count, base, rc=rc,
-            max_neighbors=spec.max_neighbors, max_atoms_per_bin=m_bin,
-            shift_dtype=jnp.dtype(spec.shift_dtype), todo=todo, previous=previous)
-    else:
-        # Each stencil bin's candidates fill whole words; read in bin order (positions
-        # sorted by bin: a bin's atoms are contiguous).
-        per_bin = -(-m_bin // WORD) * WORD
-        sorted_positions, sorted_own = positions[order], own[order]
+    # Each stencil bin's candidates fill whole words; read in bin order (positions
+    # sorted by bin: a bin's atoms are contiguous).
+    per_bin = -(-m_bin // WORD) * WORD
+    sorted_positions, sorted_own = positions[order], own[order]
 
-        def candidate(m):
-            t, q = jnp.minimum(m // per_bin, len(stencil) - 1), m % per_bin
-            valid = (m < len(stencil) * per_bin) & (q < _row_take(count, t))
-            at = jnp.clip(_row_take(lo, t) + q, 0, n_atoms - 1)
-            j = order[at]
-            n = [_row_take(base[:, :, a], t) - sorted_own[:, a][at] for a in range(3)]
-            x_j = [sorted_positions[:, a][at] for a in range(3)]
-            return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
+    def candidate(m):
+        t, q = jnp.minimum(m // per_bin, len(stencil) - 1), m % per_bin
+        valid = (m < len(stencil) * per_bin) & (q < _row_take(count, t))
+        at = jnp.clip(_row_take(lo, t) + q, 0, n_atoms - 1)
+        j = order[at]
+        n = [_row_take(base[:, :, a], t) - sorted_own[:, a][at] for a in range(3)]
+        x_j = [sorted_positions[:, a][at] for a in range(3)]
+        return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
-        indices, shifts, total, reach = _compact(spec, n_atoms, len(stencil) * per_bin, candidate)
-        indices, shifts = _kept(indices, shifts, todo, previous)
+    indices, shifts, total, reach = _compact(spec, n_atoms, len(stencil) * per_bin, candidate)
     return indices, shifts, total, reach, (0, jnp.max(occupancy), need_r)
 
 
-def _kept(indices, shifts, todo, previous):
-    """XLA forms of a partial rebuild: the previous rows where not ``todo`` (the kernels
-    skip those rows instead)."""
-    if previous is None:
-        return indices, shifts
-    return (jnp.where(todo[:, None], indices, previous[0]),
-            jnp.where(todo[:, None, None], shifts, previous[1].astype(shifts.dtype)))
-
-
-def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch,
-          previous: NeighborList | None = None, systems: jax.Array | None = None) -> NeighborList:
+def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
     """Build the list for every system from scratch (jit-able; ``spec`` is static).
 
-    positions: ``(N, 3)`` Å; cell: ``(S, 3, 3)`` Å. With ``previous`` (a list of the same
-    spec) and ``systems (S,) bool``, only those systems' rows are built; the others, and
-    their reference positions and cells, are ``previous``'s.
+    positions: ``(N, 3)`` Å; cell: ``(S, 3, 3)`` Å.
     """
     frame, inverse, widths = _frame_and_widths(cell, batch.pbc)
     builder = _build_all_pairs if spec.method == "all_pairs" else _build_cell_list
     n_sys = batch.num_systems
-    if previous is None:
-        systems = batch.system_mask
-        todo, tables = None, None
-    else:
-        todo = gather_systems(systems, batch.system_index, False)
-        tables = (previous.indices, previous.shifts)
-    indices, shifts, total, reach, others = builder(spec, positions, batch, frame, inverse, widths,
-                                                    todo, tables)
-    if todo is not None:    # rows kept from `previous` have no count or reach of their own
-        total = jnp.where(todo, total, 0)
-        reach = jnp.where(todo[:, None], reach, 0)
+    indices, shifts, total, reach, others = builder(spec, positions, batch, frame, inverse, widths)
     needed = jnp.stack([jnp.max(total), *(jnp.asarray(x, jnp.int32) for x in others)])
     max_shift = jnp.maximum(segments.segment_max(reach, batch.system_index, n_sys), 0)
-    nl = NeighborList(
+    return NeighborList(
         indices=indices, shifts=shifts, reference_positions=positions, reference_cell=cell,
         max_shift=max_shift, stale=jnp.zeros(n_sys, bool),
         rebuilds=jnp.zeros(n_sys, jnp.int32), needed=needed.astype(jnp.int32), spec=spec)
-    if previous is None:
-        return nl
-    return nl.replace(
-        reference_positions=jnp.where(todo[:, None], positions, previous.reference_positions),
-        reference_cell=jnp.where(systems[:, None, None], cell, previous.reference_cell),
-        max_shift=jnp.where(systems[:, None], max_shift, previous.max_shift),
-        stale=previous.stale & ~systems, rebuilds=previous.rebuilds + systems.astype(jnp.int32),
-        needed=jnp.maximum(previous.needed, nl.needed))
 
 
 def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
@@ -562,40 +528,26 @@ def drift(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch)
     return 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
 
 
-def _rebuild_all(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
+def _rebuild(nl: NeighborList, positions, cell, batch: Batch) -> NeighborList:
     new = build(nl.spec, positions, cell, batch)
     return new.replace(rebuilds=nl.rebuilds + batch.system_mask.astype(jnp.int32),
                        needed=jnp.maximum(nl.needed, new.needed))
 
 
-def _rebuild_some(nl: NeighborList, positions, cell, batch: Batch, systems) -> NeighborList:
-    if not _pallas.wanted(positions.shape[0]):      # XLA's forms cost the same for all systems
-        return _rebuild_all(nl, positions, cell, batch, systems)
-    return build(nl.spec, positions, cell, batch, previous=nl, systems=systems)
-
-
-def _keep(nl, positions, cell, batch, systems):
+def _keep(nl, positions, cell, batch):
     return nl
 
 
 def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
     """Rebuild the list when some system needs it (jit-able); skips all work when none does.
 
-    When an atom has moved past the skin, every system is rebuilt: in MD all systems
-    drift alike, and rebuilding them together keeps rebuilds rare. Systems marked stale
-    (refilled slots) alone are rebuilt alone with the GPU kernels, which skip the rows
-    they are not asked for, together with any system past half its skin; XLA's forms
-    cost the same for one system as for all, so there every system is rebuilt.
+    Every system is rebuilt together: a build costs about the same for one system as for
+    all, and in MD all systems drift alike, so rebuilding them together keeps rebuilds rare.
+    Systems marked stale (refilled slots) trigger a rebuild too.
     """
-    moved = drift(nl, positions, cell, batch)
-    mask = batch.system_mask
-    far = mask & _beyond(moved, nl.spec.skin)
-    stale = mask & nl.stale
-    systems = stale | (mask & _beyond(moved, 0.5 * nl.spec.skin))
-    # One switch (a GPU reads one predicate per step): keep, rebuild some, rebuild all.
-    # Module-level branches: eager calls reuse the compiled switch instead of retracing.
-    index = jnp.where(jnp.any(far), 2, jnp.where(jnp.any(stale), 1, 0))
-    return jax.lax.switch(index, (_keep, _rebuild_some, _rebuild_all), nl, positions, cell, batch, systems)
+    # Module-level branches: eager calls reuse the compiled conditional instead of retracing.
+    return jax.lax.cond(jnp.any(needs_rebuild(nl, positions, cell, batch)), _rebuild, _keep,
+                        nl, positions, cell, batch)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:

@@ -1,8 +1,7 @@
 """The fused GPU kernels (Pallas) against the XLA forms they replace.
 
 Run here in Pallas' interpreter (the same kernel bodies a GPU compiles through Triton):
-the pair sums must agree with the XLA closed form to rounding, and the cell-list scan
-must give the same neighbor table entry for entry. The XLA forms themselves are checked
+the pair sums must agree with the XLA closed form to rounding. The XLA forms themselves are checked
 against ASE and brute-force references in test_models.py / test_neighbors.py (and
 ``NVALCHEMI_JAX_KERNELS=pallas pytest tests/test_models.py tests/test_neighbors.py``
 runs those against the kernels too).
@@ -93,51 +92,6 @@ def test_compute_through_kernel_and_gradients(system, monkeypatch):
         np.testing.assert_allclose(b, a, rtol=0, atol=2e-5 * np.abs(a).max())
     for a, b in zip(ref_grad, got_grad):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("method", ["cell_list", "all_pairs"])
-def test_scans_match_xla(system, monkeypatch, method):
-    """Same table, same order, same needs and shift reach, with int8 and int32 shifts.
-    The all-pairs batch mixes one-flip systems (2 images per axis) with the slab."""
-    batch, nl = system
-    if method == "all_pairs":
-        _, nl = neighbors.allocate(batch, 8.5, skin=0.5, method="all_pairs")
-    for shift_dtype in ("int8", "int32"):
-        spec = nl.spec.__class__(**{**nl.spec.__dict__, "shift_dtype": shift_dtype})
-        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
-        ref = neighbors.build(spec, batch.positions, batch.cell, batch)
-        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
-        got = kernel_build(spec, batch, ref)
-        for f in ("indices", "shifts", "needed", "max_shift"):
-            np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(ref, f)),
-                                          err_msg=f"{f} ({shift_dtype})")
-        assert int(np.asarray(got.indices < batch.num_atoms).sum()) > 0
-
-
-@pytest.mark.parametrize("method", ["cell_list", "all_pairs"])
-def test_scans_report_overflow(system, monkeypatch, method):
-    """A row width too small: the kernel drops nothing silently (needed > K, so the list
-    overflows and the caller regrows), and keeps the first K neighbors as XLA does."""
-    batch, nl = system
-    if method == "all_pairs":
-        _, nl = neighbors.allocate(batch, 8.5, skin=0.5, method="all_pairs")
-    spec = nl.spec.__class__(**{**nl.spec.__dict__, "max_neighbors": 40})
-    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
-    ref = neighbors.build(spec, batch.positions, batch.cell, batch)
-    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
-    got = kernel_build(spec, batch, ref)
-    assert bool(got.overflow)
-    assert int(got.needed[0]) == int(nl.needed[0])
-    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
-
-
-def kernel_build(spec, batch, previous):
-    """Every system's rows by the kernels: as a rebuild of all systems over ``previous``
-    (whole all-pairs builds use XLA's form, faster there; the kernel serves partial ones)."""
-    blank = previous.replace(indices=jnp.full_like(previous.indices, batch.num_atoms),
-                             shifts=jnp.zeros_like(previous.shifts))    # rows must be written
-    return neighbors.build(spec, batch.positions, batch.cell, batch, previous=blank,
-                           systems=batch.system_mask)
 
 
 def test_mode_is_checked(monkeypatch):

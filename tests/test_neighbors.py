@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from _reference import brute_force_pairs, jittered_fractional, pair_distance
-from nvalchemi_jax import _pallas, neighbors
+from nvalchemi_jax import neighbors
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.capacity import Capacity
 
@@ -469,25 +469,15 @@ def test_verlet_skin(method, x64):
     check_within_cutoff(nl1, pos1, batch.cell, small, cells, "after small moves")
 
     # 2. one atom of system 1 jumps by 1.2 Å: system 1 asks for a rebuild, and every
-    #    system is rebuilt, exactly (an atom past the skin rebuilds all systems; a stale
-    #    system alone, step 3, is rebuilt alone by the kernels, which leave the other rows
-    #    exactly as they were)
-    partial = _pallas.wanted(batch.num_atoms)
+    #    system is rebuilt, exactly (any rebuild is of all systems)
     real = np.asarray(batch.system_mask).astype(int)
     expected = np.zeros_like(real)
 
-    def rebuilt(before, after, asked):
+    def rebuilt(after):
         nonlocal expected
-        systems = np.asarray(asked).astype(int) if partial else real
-        expected = expected + systems
+        expected = expected + real
         np.testing.assert_array_equal(np.asarray(after.rebuilds), expected)
         assert not np.asarray(after.stale).any()
-        if partial:      # untouched rows and their references are the previous ones
-            atoms = np.concatenate([np.arange(batch.num_atoms)[sl] for sl, s in zip(slices, systems) if not s]
-                                   + [np.zeros(0, int)])
-            for field in ("indices", "shifts", "reference_positions"):
-                np.testing.assert_array_equal(np.asarray(getattr(after, field))[atoms],
-                                              np.asarray(getattr(before, field))[atoms])
 
     big = list(small)
     big[1] = small[1].copy()
@@ -497,7 +487,7 @@ def test_verlet_skin(method, x64):
     np.testing.assert_array_equal(np.asarray(NEEDS_REBUILD(nl1, pos2, batch.cell, batch)),
                                   [False, True, False, False, False])
     nl2 = UPDATE(nl1, pos2, batch.cell, batch)
-    rebuilt(nl1, nl2, real)
+    rebuilt(nl2)
     per_system = table_pairs(nl2, batch)
     for s in range(len(big)):
         ref = brute_force_pairs(big[s], cells[s], pbcs[s], RC, return_distances=True)
@@ -508,7 +498,8 @@ def test_verlet_skin(method, x64):
     # 3. mark_stale forces a rebuild, then clears
     stale = neighbors.mark_stale(nl2, jnp.array([False, False, True, False, False]))
     nl3 = UPDATE(stale, pos2, batch.cell, batch)
-    rebuilt(nl2, nl3, [0, 0, 1, 0, 0])
+    rebuilt(nl3)
+    np.testing.assert_array_equal(np.asarray(nl3.reference_positions), np.asarray(pos2))
     nl3b = UPDATE(nl3, pos2, batch.cell, batch)
     np.testing.assert_array_equal(np.asarray(nl3b.rebuilds), expected)
 
@@ -521,7 +512,7 @@ def test_verlet_skin(method, x64):
     np.testing.assert_array_equal(np.asarray(NEEDS_REBUILD(nl3, pos2, cell4, batch)),
                                   [True, False, False, False, False])
     nl4 = UPDATE(nl3, pos2, cell4, batch)
-    rebuilt(nl3, nl4, real)
+    rebuilt(nl4)
     np.testing.assert_array_equal(np.asarray(nl4.reference_cell)[0], np.asarray(cell4)[0])
     check_within_cutoff(nl4, pos2, cell4, big, new_cells, "after the cell change")
     assert not bool(nl4.overflow)
@@ -532,7 +523,7 @@ def test_verlet_skin(method, x64):
     denser = list(new_cells)
     denser[0] = new_cells[0] * 0.6
     nl5 = UPDATE(nl4, with_positions(host(squeezed)), with_cells(host(denser)), batch)
-    rebuilt(nl4, nl5, real)
+    rebuilt(nl5)
     assert bool(nl5.overflow)
     assert neighbors.grow(nl5) != spec
 
@@ -734,30 +725,6 @@ def test_cells_one_cutoff_wide_scan_two_images_per_axis(x64):
     spec, nl = neighbors.allocate(batch, cutoff=CUTOFF, skin=SKIN, method="all_pairs")
     assert int(nl.needed[1]) == 8 * n and spec.max_candidates == 8 * n
     check_against_brute_force(nl, batch, ["triclinic"])
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_partial_build_rebuilds_only_the_given_systems(method):
-    """``build(previous=, systems=)``: the given systems' rows, references and shifts are a
-    fresh build's; every other row is the previous list's, bit for bit (both the XLA forms
-    and the kernels, which skip those rows)."""
-    batch = make_batch(VERLET, capacity=CAP)
-    spec = make_spec(method)
-    old = BUILD(spec, batch.positions, batch.cell, batch)
-    rng = np.random.default_rng(1)
-    moved = batch.positions + jnp.asarray(rng.normal(0, 0.2, batch.positions.shape), batch.dtype)
-    systems = jnp.array([True, False, True, False, False])
-    partial = jax.jit(neighbors.build, static_argnums=0)(spec, moved, batch.cell, batch, old, systems)
-    fresh = BUILD(spec, moved, batch.cell, batch)
-    atom = np.asarray(systems)[np.minimum(np.asarray(batch.system_index), 4)] & np.asarray(batch.atom_mask)
-    for field in ("indices", "shifts", "reference_positions"):
-        got = np.asarray(getattr(partial, field))
-        np.testing.assert_array_equal(got[atom], np.asarray(getattr(fresh, field))[atom], err_msg=field)
-        np.testing.assert_array_equal(got[~atom], np.asarray(getattr(old, field))[~atom], err_msg=field)
-    np.testing.assert_array_equal(np.asarray(partial.rebuilds), np.asarray(systems).astype(int))
-    np.testing.assert_array_equal(np.asarray(partial.max_shift)[[0, 2]], np.asarray(fresh.max_shift)[[0, 2]])
-    np.testing.assert_array_equal(np.asarray(partial.max_shift)[[1, 3]], np.asarray(old.max_shift)[[1, 3]])
-    assert not bool(partial.overflow)
 
 
 def test_float_quotient_is_exact_below_two_to_the_21():

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from nvalchemi_jax import _pallas
-from nvalchemi_jax.neighbor_kernels import displacements, frame_rows
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.neighbors import NeighborList
 
@@ -33,6 +32,19 @@ BLOCK_COLS = 16     # neighbors per inner step
 NUM_WARPS = 4
 # Positions as 16-byte rows (x, y, z, 0): a neighbor's position is one vector load, not three.
 PACKED_POSITIONS = True
+
+
+def frame_rows(frame_ref, system):
+    """In a kernel: ``frame[r][a] (B, 1)``, lattice row r, component a, of each atom's
+    system, from a flat ``(S * 9,)`` ref."""
+    return [[frame_ref[system * 9 + 3 * r + a][:, None] for a in range(3)] for r in range(3)]
+
+
+def displacements(x_j, x_i, shift, frame):
+    """Pair vectors ``d = x_j - x_i + Σ_r shift_r frame_r`` as three components, and |d|²."""
+    d = [x_j[a] - x_i[a] + shift[0] * frame[0][a] + shift[1] * frame[1][a]
+         + shift[2] * frame[2][a] for a in range(3)]
+    return d, d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
 
 
 def _parameter_refs(params: dict, num_species: int):
