@@ -30,8 +30,6 @@ from nvalchemi_jax.neighbors import NeighborList
 BLOCK_ROWS = 32     # atoms per program
 BLOCK_COLS = 16     # neighbors per inner step
 NUM_WARPS = 4
-# Positions as 16-byte rows (x, y, z, 0): a neighbor's position is one vector load, not three.
-PACKED_POSITIONS = True
 
 
 def frame_rows(frame_ref, system):
@@ -85,28 +83,27 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
     n_out = 10 if stress else 4
     kernel = functools.partial(
         _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
-        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype,
-        packed=PACKED_POSITIONS)
+        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype)
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
     call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret)
-    width = 4 if PACKED_POSITIONS else 3
-    packed = jnp.pad(positions, ((0, 0), (0, width - 3)))
-    outs = call(packed.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
+    # Positions as 16-byte rows (x, y, z, 0): a neighbor's position is one vector load, not
+    # three (H200, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
+    rows4 = jnp.pad(positions, ((0, 0), (0, 1)))
+    outs = call(rows4.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
                 batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat)
     return [out[:n] for out in outs]
 
 
 def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
-            num_species, term, names, is_table, rc2, n_out, dtype, packed):
+            num_species, term, names, is_table, rc2, n_out, dtype):
     from jax.experimental import pallas as pl
     param_refs, out_refs = refs[:len(names)], refs[len(names):]
     i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
     live = i < n
     i = jnp.where(live, i, 0)
-    width = 4 if packed else 3
-    x_i = [pos_ref[i * width + a][:, None] for a in range(3)]
+    x_i = [pos_ref[i * 4 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
     cell = frame_rows(cell_ref, system)          # image = Σ_r shift_r · cell[r]
     row_i = rows_ref[i][:, None]
@@ -120,12 +117,9 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         real = j < n
         j = jnp.where(real, j, 0)
         shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
-        if packed:     # one 16-byte load per neighbor; its lanes split in registers
-            lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]
-            row = pos_ref[j[:, :, None] * 4 + lane]
-            x_j = [jnp.sum(jnp.where(lane == a, row, 0.0), axis=2) for a in range(3)]
-        else:
-            x_j = [pos_ref[j * 3 + a] for a in range(3)]
+        lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]    # one 16-byte load per neighbor,
+        row = pos_ref[j[:, :, None] * 4 + lane]                  # its lanes split in registers
+        x_j = [jnp.sum(jnp.where(lane == a, row, 0.0), axis=2) for a in range(3)]
         d, r2 = displacements(x_j, x_i, shift, cell)
         within = real & (r2 < rc2)
         r2 = jnp.where(within, r2, rc2)
