@@ -1,6 +1,8 @@
-"""The fused GPU kernel (pair sums) against the XLA form on this device: forces must agree
-to float32 rounding on lists from both builders. Exit status 1 if not (``run_h200.sh``
-then falls back to ``NVALCHEMI_JAX_KERNELS=xla``). Prints JSON lines.
+"""On this device: the neighbor tables of both builders against a brute-force search on the
+host (every pair within the list cutoff, once, by minimum image: these cells are more
+than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
+to float32 rounding). Exit status 1 if not (``run_h200.sh`` then falls back to
+``NVALCHEMI_JAX_KERNELS=xla``, which covers the kernel only). Prints JSON lines.
 
     python benchmarks/check_kernels.py
 """
@@ -21,6 +23,35 @@ from nvalchemi_jax import neighbors
 from nvalchemi_jax.models import LennardJones, compute
 
 
+def brute_force_pairs(positions, cell, rc):
+    """``{(i, j)}`` within ``rc`` by minimum image in an orthorhombic ``cell`` (host, float64)."""
+    d = positions[None, :, :] - positions[:, None, :]
+    length = np.diag(cell)
+    d -= np.round(d / length) * length
+    close = (np.sum(d * d, axis=-1) < rc * rc) & ~np.eye(len(positions), dtype=bool)
+    return set(zip(*np.nonzero(close)))
+
+
+def table_errors(nl, batch):
+    """Pairs missing from, or listed beyond the list cutoff / more than once in, each system."""
+    positions, cell = np.asarray(batch.positions, float), np.asarray(batch.cell, float)
+    index, indices, shifts = (np.asarray(x) for x in (batch.system_index, nl.indices, nl.shifts))
+    rc, errors = nl.spec.list_cutoff, 0
+    for s in np.flatnonzero(np.asarray(batch.system_mask)):
+        atoms = np.flatnonzero(index == s)
+        local = {a: k for k, a in enumerate(atoms)}
+        listed = []
+        for a in atoms:
+            for j, n in zip(indices[a], shifts[a]):
+                if j < len(index):
+                    d = positions[j] - positions[a] + n @ cell[s]
+                    listed.append((local[a], local[j], float(d @ d) < rc * rc))
+        near = [(i, j) for i, j, inside in listed if inside]
+        errors += len(near) - len(set(near))                   # listed twice
+        errors += len(set(near) ^ brute_force_pairs(positions[atoms], cell[s], rc))
+    return errors
+
+
 def check(name, batch, method):
     model = LennardJones(**LJ, shift=True)
     _, nl = neighbors.allocate(batch, model.cutoff, skin=1.0, method=method)
@@ -30,8 +61,9 @@ def check(name, batch, method):
         forces[mode] = np.asarray(jax.jit(lambda p, l: compute(model, p, batch.cell, batch, l).forces)(
             batch.positions, nl))
     err = float(np.abs(forces["pallas"] - forces["xla"]).max() / np.abs(forces["xla"]).max())
-    return {"case": name, "method": method, "K": nl.spec.max_neighbors,
-            "force_max_rel_err": err, "ok": bool(err < 1e-5)}
+    wrong = table_errors(nl, batch)
+    return {"case": name, "method": method, "K": nl.spec.max_neighbors, "table_errors": wrong,
+            "force_max_rel_err": err, "ok": bool(err < 1e-5 and wrong == 0)}
 
 
 def main(argv=None):

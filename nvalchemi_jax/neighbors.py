@@ -77,7 +77,8 @@ class NeighborSpec:
     max_atoms_per_bin: cell_list: atoms scanned per bin.
     max_image_shift: cell_list: ``R``, bins scanned on each side (1 unless a
         periodic cell is thinner than ``cutoff + skin``).
-    block_size: candidates per atom tested in one pass of a build (memory vs speed).
+    block_size: candidates per atom tested in one pass of a build, rounded down to a
+        multiple of 32 (at least 32), both methods: memory vs speed.
     shift_dtype: storage of the lattice shifts: ``"int8"`` (the list is read every step,
         and a byte per component is 4x less traffic than int32) or ``"int32"`` (what
         :func:`grow` switches to when atoms drift more than 127 cells from their cell).
@@ -121,7 +122,7 @@ class NeighborList:
     indices: ``(N, K) int32``, padding = ``N``.
     shifts: ``(N, K, 3)`` lattice translations, ``spec.shift_dtype`` (int8: |n| <= 127;
         beyond that the list overflows and :func:`grow` switches to int32).
-    reference_positions: ``(N, 3)`` positions at the last rebuild of each system.
+    reference_positions: ``(N, 3)`` positions at the last rebuild.
     reference_cell: ``(S, 3, 3)`` cells at the last rebuild.
     max_shift: ``(S, 3) int32`` largest ``|shift|`` per axis in each system's rows.
     stale: ``(S,) bool`` systems that must be rebuilt at the next :func:`update`.
@@ -213,12 +214,13 @@ WORD = 32   # candidates per bit-mask word
 def _compact(spec, n_atoms, n_candidates, candidate):
     """Rows of the table from a per-row candidate enumeration, without scattering.
 
-    ``candidate(m) -> (j, n, ok)`` evaluates candidates ``m (N, B)`` (int32, per row; any
-    value in ``[0, n_candidates)`` rounded up to whole words) as neighbor ``j (N, B)``,
+    ``candidate(m) -> (j, n, ok)`` evaluates candidates ``m (N, B)`` (int32, per row; from 0
+    up to ``n_candidates`` rounded up to whole blocks of ``block_size``, so ``ok`` must be
+    False at and past ``n_candidates``) as neighbor ``j (N, B)``,
     lattice shift ``n`` (three ``(N, B)`` components: arrays stacked on a last axis of 3
     were materialised between kernels) and acceptance ``ok (N, B)``. Two passes: (1) every
     candidate is tested and the results are packed as bits, 32 per word (a reduction XLA
-    fuses with the test, so only ``N × C / 32`` words reach memory); (2) entry ``s`` of a
+    fuses with the test); (2) entry ``s`` of a
     row is its ``s``-th accepted candidate, found by a binary search over the words'
     running bit counts and then within the word, and evaluated again. Both passes write
     whole rows in order, where scattering the accepted candidates into their slots cost an
@@ -284,6 +286,9 @@ def _row_take(table, column):
     """``table[i, column[i, b]]`` for ``table (N, W)``, ``column (N, B)``, as a gather from the
     flattened table (``take_along_axis`` builds an ``(N, B, 2)`` index array in memory)."""
     width = table.shape[1]
+    if table.shape[0] * width >= 2**31:
+        raise ValueError(f"neighbor build: a ({table.shape[0]}, {width}) table is too large for "
+                         f"int32 indices; use method='cell_list' or a smaller batch")
     rows = jnp.arange(table.shape[0], dtype=jnp.int32)[:, None] * width
     return table.reshape(-1)[rows + column]
 
@@ -355,7 +360,9 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     sys_i = batch.system_index
     periodic = gather_systems(batch.pbc, sys_i, False)
     frame_i = gather_systems(frame, sys_i)
-    frac = vecmat(positions, gather_systems(inverse, sys_i))
+    # Materialised once: both passes of _compact round the same fractional separations
+    # (recomputed in each fusion, a pair half a cell away could round to different images).
+    frac = jax.lax.optimization_barrier(vecmat(positions, gather_systems(inverse, sys_i)))
     order, start, count = _system_segments(batch)
     # Images beyond the nearest one that can still lie within rc, per system and axis:
     # the candidates of a system are its atoms times its own image count.
@@ -368,7 +375,6 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     candidates = count * images
     start_i = gather_systems(start, sys_i)
     candidates_i = jnp.where(batch.atom_mask, gather_systems(candidates, sys_i), 0)
-    images_i = gather_systems(images, sys_i, 1)
     count_i = gather_systems(jnp.maximum(count, 1), sys_i, 1)
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
@@ -391,7 +397,8 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
             return m % count_i[:, None], _image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3])
 
     def candidate(m):
-        valid = m < candidates_i[:, None]
+        # (m past max_candidates: beyond the system's own candidates or an overflow; never listed)
+        valid = (m < candidates_i[:, None]) & (m < spec.max_candidates)
         # Candidates image by image, each over the system's atoms.
         atom, digit = split(m)
         j = order[jnp.clip(start_i[:, None] + atom, 0, n_atoms - 1)]
@@ -656,8 +663,8 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     bin_length = np.where(pbc, widths / nbins, rc)
     cl_shift = int(np.max(np.ceil(rc / bin_length), initial=1))
     per_bin = int(np.ceil(1.5 * np.max(density * np.prod(bin_length, axis=1)))) + 4
-    cost_all_pairs = max_candidates
-    cost_cell_list = per_bin * (2 * cl_shift + 1) ** 3
+    cost_all_pairs = -(-max_candidates // WORD) * WORD          # as tested: whole words
+    cost_cell_list = -(-per_bin // WORD) * WORD * (2 * cl_shift + 1) ** 3
     if method == "auto":
         method = "all_pairs" if cost_all_pairs <= cost_cell_list else "cell_list"
     fit = max_neighbors is None and not batch.capacity.max_neighbors

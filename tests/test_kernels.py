@@ -1,10 +1,10 @@
-"""The fused GPU kernels (Pallas) against the XLA forms they replace.
+"""The fused GPU pair kernel (Pallas) against the XLA form it replaces.
 
-Run here in Pallas' interpreter (the same kernel bodies a GPU compiles through Triton):
-the pair sums must agree with the XLA closed form to rounding. The XLA forms themselves are checked
-against ASE and brute-force references in test_models.py / test_neighbors.py (and
-``NVALCHEMI_JAX_KERNELS=pallas pytest tests/test_models.py tests/test_neighbors.py``
-runs those against the kernels too).
+Run here in Pallas' interpreter (the same kernel body a GPU compiles through Triton):
+the pair sums must agree with the XLA closed form to rounding. The XLA form itself is
+checked against ASE and brute-force references in test_models.py (and
+``NVALCHEMI_JAX_KERNELS=pallas pytest tests/test_models.py`` runs those against the
+kernel too).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nvalchemi_jax.models import pair_kernel
 
 def _crystals(seed=0):
     """Two argon crystals (one triclinic), a krypton-argon alloy, a slab, and a cell
-    thinner than the cutoff (5 images per axis: no one-flip shortcut, bin shift 2)."""
+    thinner than the cutoff (neighbors in several images per axis)."""
     rng = np.random.default_rng(seed)
     out = []
     for rep in ((3, 2, 2), (2, 2, 3)):

@@ -43,7 +43,7 @@ def make_spec(method, *, all_pairs_capacity=1024, max_atoms_per_bin=48, max_imag
     kwargs.setdefault("cutoff", CUTOFF)
     kwargs.setdefault("skin", SKIN)
     kwargs.setdefault("max_neighbors", 96)
-    kwargs.setdefault("block_size", 40)          # all-pairs scans in several blocks
+    kwargs.setdefault("block_size", 40)          # builds test candidates in 32-wide blocks
     return neighbors.NeighborSpec(method=method, max_atoms_per_bin=max_atoms_per_bin,
                                   max_image_shift=max_image_shift,
                                   **{AP_CAPACITY: all_pairs_capacity}, **kwargs)
@@ -736,3 +736,28 @@ def test_float_quotient_is_exact_below_two_to_the_21():
         inverse = 1.0 / jnp.float32(d)
         got = np.asarray(neighbors._quotient(x, jnp.int32(d), inverse))
         np.testing.assert_array_equal(got, np.arange(2**21) // d, err_msg=f"divisor {d}")
+
+
+@pytest.mark.parametrize("block_size", [32, 4096])
+def test_all_pairs_candidate_overflow_lists_no_copies(block_size):
+    """Too few candidate slots (64 atoms, 40 slots): the overflow is flagged, and the
+    first 40 candidates are listed once each. Candidate numbers past the capacity (the
+    last test block runs past it) must not count: they once listed one pair hundreds of
+    times and reported a row width of 44 where 15 were needed."""
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(0, 8.0, (64, 3))
+    batch = Batch.from_arrays([pos], [np.full(64, 18)], cell=[np.eye(3) * 8.0], pbc=[True],
+                              min_distance=None)
+    spec = neighbors.NeighborSpec(cutoff=3.0, skin=0.5, max_neighbors=200, method="all_pairs",
+                                  max_candidates=40, block_size=block_size)
+    nl = neighbors.build(spec, batch.positions, batch.cell, batch)
+    full = neighbors.build(dataclasses.replace(spec, max_candidates=64 * 27), batch.positions,
+                           batch.cell, batch)
+    assert bool(nl.overflow) and not bool(full.overflow)
+    indices, shifts = np.asarray(nl.indices), np.asarray(nl.shifts)
+    for row in range(64):
+        listed = [(j, *s) for j, s in zip(indices[row], shifts[row]) if j < 64]
+        assert len(listed) == len(set(listed)), f"row {row} lists a pair twice"
+        every = {(j, *s) for j, s in zip(np.asarray(full.indices)[row], np.asarray(full.shifts)[row]) if j < 64}
+        assert set(listed) <= every, f"row {row} lists a pair the full build does not"
+    assert int(nl.needed[0]) <= int(full.needed[0])

@@ -88,10 +88,10 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
     call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret)
-    # Positions as 16-byte rows (x, y, z, 0): a neighbor's position is one vector load, not
-    # three (H200, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
-    rows4 = jnp.pad(positions, ((0, 0), (0, 1)))
-    outs = call(rows4.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
+    # Positions as rows (x, y, z, 0): a neighbor's position is one vector load, not three
+    # (H200, float32, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
+    padded = jnp.pad(positions, ((0, 0), (0, 1)))
+    outs = call(padded.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
                 batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat)
     return [out[:n] for out in outs]
 
@@ -117,7 +117,7 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         real = j < n
         j = jnp.where(real, j, 0)
         shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
-        lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]    # one 16-byte load per neighbor,
+        lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]    # one vector load per neighbor,
         row = pos_ref[j[:, :, None] * 4 + lane]                  # its lanes split in registers
         x_j = [jnp.sum(jnp.where(lane == a, row, 0.0), axis=2) for a in range(3)]
         d, r2 = displacements(x_j, x_i, shift, cell)
