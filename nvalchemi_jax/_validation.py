@@ -87,11 +87,7 @@ def validate_systems(*, positions, atomic_numbers, cell, pbc, velocities, masses
     systems = _validate_together(sample_ids, **fields)
     if systems is None:      # something is off: the per-system checks name it
         systems = _validate_each(sample_ids, **fields)
-    if isinstance(systems, Columns):
-        _check_cells(systems.cell, systems.pbc, sample_ids)
-    else:
-        _check_cells(np.stack([s["cell"] for s in systems]), np.stack([s["pbc"] for s in systems]),
-                     sample_ids)
+    _check_cells(*cells_of(systems), sample_ids)
     return systems
 
 
@@ -207,6 +203,13 @@ def sizes_of(systems) -> np.ndarray:
     if isinstance(systems, Columns):
         return np.asarray(systems.sizes, np.int64)
     return np.array([len(s["atomic_numbers"]) for s in systems], np.int64)
+
+
+def cells_of(systems) -> tuple[np.ndarray, np.ndarray]:
+    """``(cell (S, 3, 3), pbc (S, 3))`` of validated systems."""
+    if isinstance(systems, Columns):
+        return systems.cell, systems.pbc
+    return np.stack([s["cell"] for s in systems]), np.stack([s["pbc"] for s in systems])
 
 
 def sample_ids_of(systems) -> list[int]:

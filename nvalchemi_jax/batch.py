@@ -180,8 +180,7 @@ class Batch:
             array[:total] = atoms(key)
         system_index[:total] = np.repeat(np.arange(count, dtype=np.int32), sizes)
         atom_mask[:total] = True
-        cell[:count] = systems.cell if columns else np.stack([s["cell"] for s in systems])
-        pbc[:count] = systems.pbc if columns else np.stack([s["pbc"] for s in systems])
+        cell[:count], pbc[:count] = _validation.cells_of(systems)
         n_atoms[:count] = sizes
         system_mask[:count] = True
         sample_id[:count] = _validation.sample_ids_of(systems) if count else []

@@ -216,12 +216,11 @@ def _compact(spec, n_atoms, n_candidates, candidate):
 
     ``candidate(m) -> (j, n, ok)`` evaluates candidates ``m (N, B)`` (int32, per row; from 0
     up to ``n_candidates`` rounded up to whole blocks of ``block_size``, so ``ok`` must be
-    False at and past ``n_candidates``) as neighbor ``j (N, B)``,
-    lattice shift ``n`` (three ``(N, B)`` components: arrays stacked on a last axis of 3
-    were materialised between kernels) and acceptance ``ok (N, B)``. Two passes: (1) every
-    candidate is tested and the results are packed as bits, 32 per word (a reduction XLA
-    fuses with the test); (2) entry ``s`` of a
-    row is its ``s``-th accepted candidate, found by a binary search over the words'
+    False at and past ``n_candidates``) as neighbor ``j (N, B)``, lattice shift ``n`` (three
+    ``(N, B)`` components: arrays stacked on a last axis of 3 were materialised between
+    kernels) and acceptance ``ok (N, B)``. Two passes: (1) every candidate is tested and the
+    results are packed as bits, 32 per word (a reduction XLA fuses with the test); (2) entry
+    ``s`` of a row is its ``s``-th accepted candidate, found by a binary search over the words'
     running bit counts and then within the word, and evaluated again. Both passes write
     whole rows in order, where scattering the accepted candidates into their slots cost an
     H200 2.1 ms for 1,024 x 256 atoms and 18.5 ms for 10,000 x 108 (this form: 1.4 and
@@ -331,11 +330,6 @@ def _system_segments(batch: Batch):
 
 
 # --------------------------------------------------------------------------- builders
-def _image_digits(image, radix_1, radix_2):
-    """Mixed-radix digits (per axis) of an all-pairs image number."""
-    return [image // (radix_1 * radix_2), (image // radix_2) % radix_1, image % radix_2]
-
-
 def _image_shift(dfrac, digit, periodic, flip, reach):
     """All-pairs lattice shift along one axis (elementwise): the nearest image of a
     fractional separation ``dfrac``, then digit 0 and 1 = that image and the one on its far
@@ -379,22 +373,20 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     reach_i = gather_systems(reach, sys_i)
     radix_i = gather_systems(radix, sys_i, 1)
     i = jnp.arange(n_atoms, dtype=jnp.int32)
-    if spec.max_candidates < 2**21:        # divisions as float multiplies (see _quotient)
-        inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
-        r2, r12 = radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
-        per_count, per_r2, per_r12 = inverse_of(count_i[:, None]), inverse_of(r2), inverse_of(r12)
+    # Candidate m -> (atom, image), and the image's mixed-radix digits (one per axis).
+    # Divisions as float multiplies where exact (see _quotient).
+    divide = _quotient if spec.max_candidates < 2**21 else (lambda x, divisor, inverse: x // divisor)
+    inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
+    per_atoms, r2, r12 = count_i[:, None], radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
+    inverses = [inverse_of(v) for v in (per_atoms, r2, r12)]
 
-        def split(m):
-            m = jnp.minimum(m, spec.max_candidates)     # larger m are invalid anyway
-            image = _quotient(m, count_i[:, None], per_count)
-            first = _quotient(image, r12, per_r12)
-            rest = image - first * r12
-            second = _quotient(rest, r2, per_r2)
-            return m - image * count_i[:, None], [first, second, rest - second * r2]
-    else:
-        def split(m):
-            image = m // count_i[:, None]
-            return m % count_i[:, None], _image_digits(image, radix_i[:, 1:2], radix_i[:, 2:3])
+    def split(m):
+        m = jnp.minimum(m, spec.max_candidates)     # larger m are invalid anyway
+        image = divide(m, per_atoms, inverses[0])
+        first = divide(image, r12, inverses[2])
+        rest = image - first * r12
+        second = divide(rest, r2, inverses[1])
+        return m - image * per_atoms, [first, second, rest - second * r2]
 
     def candidate(m):
         # (m past max_candidates: beyond the system's own candidates or an overflow; never listed)
@@ -408,7 +400,9 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
         x_j = [positions[:, a][j] for a in range(3)]
         return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
-    return _compact(spec, n_atoms, spec.max_candidates, candidate) + ((jnp.max(candidates), 0, 0),)
+    indices, shifts, total, reach = _compact(spec, n_atoms, spec.max_candidates, candidate)
+    needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
+    return indices, shifts, needed.astype(jnp.int32), reach
 
 
 def _build_cell_list(spec, positions, batch, frame, inverse, widths):
@@ -484,7 +478,8 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
         return j, n, _pair_ok(positions, x_j, frame_i, i, j, n, valid, rc * rc)
 
     indices, shifts, total, reach = _compact(spec, n_atoms, len(stencil) * per_bin, candidate)
-    return indices, shifts, total, reach, (0, jnp.max(occupancy), need_r)
+    needed = jnp.stack([jnp.max(total), jnp.int32(0), jnp.max(occupancy), need_r])
+    return indices, shifts, needed.astype(jnp.int32), reach
 
 
 def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batch) -> NeighborList:
@@ -495,13 +490,12 @@ def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batc
     frame, inverse, widths = _frame_and_widths(cell, batch.pbc)
     builder = _build_all_pairs if spec.method == "all_pairs" else _build_cell_list
     n_sys = batch.num_systems
-    indices, shifts, total, reach, others = builder(spec, positions, batch, frame, inverse, widths)
-    needed = jnp.stack([jnp.max(total), *(jnp.asarray(x, jnp.int32) for x in others)])
+    indices, shifts, needed, reach = builder(spec, positions, batch, frame, inverse, widths)
     max_shift = jnp.maximum(segments.segment_max(reach, batch.system_index, n_sys), 0)
     return NeighborList(
         indices=indices, shifts=shifts, reference_positions=positions, reference_cell=cell,
         max_shift=max_shift, stale=jnp.zeros(n_sys, bool),
-        rebuilds=jnp.zeros(n_sys, jnp.int32), needed=needed.astype(jnp.int32), spec=spec)
+        rebuilds=jnp.zeros(n_sys, jnp.int32), needed=needed, spec=spec)
 
 
 def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:

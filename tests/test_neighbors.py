@@ -761,3 +761,19 @@ def test_all_pairs_candidate_overflow_lists_no_copies(block_size):
         every = {(j, *s) for j, s in zip(np.asarray(full.indices)[row], np.asarray(full.shifts)[row]) if j < 64}
         assert set(listed) <= every, f"row {row} lists a pair the full build does not"
     assert int(nl.needed[0]) <= int(full.needed[0])
+
+
+def test_all_pairs_integer_division_path_builds_the_same_list():
+    """With 2**21 candidate slots or more the build splits candidate numbers by integer
+    division (the float quotient is exact only below that): same table as the float path."""
+    rng = np.random.default_rng(0)
+    pos = [rng.uniform(0, 6.0, (12, 3)), rng.uniform(0, 9.0, (20, 3))]
+    batch = Batch.from_arrays(pos, [np.full(len(p), 18) for p in pos], cell=[np.eye(3) * 6.0, np.eye(3) * 9.0],
+                              pbc=[True, True], min_distance=None)
+    spec = neighbors.NeighborSpec(cutoff=3.0, skin=0.5, max_neighbors=120, method="all_pairs",
+                                  max_candidates=2000)
+    small = neighbors.build(spec, batch.positions, batch.cell, batch)
+    large = neighbors.build(dataclasses.replace(spec, max_candidates=2**21), batch.positions, batch.cell, batch)
+    assert not bool(small.overflow) and int(small.needed[1]) > 12   # several images scanned
+    for field in ("indices", "shifts"):
+        np.testing.assert_array_equal(np.asarray(getattr(large, field)), np.asarray(getattr(small, field)))
