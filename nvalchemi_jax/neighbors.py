@@ -553,8 +553,31 @@ def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch
     Systems marked stale (refilled slots) trigger a rebuild too.
     """
     # Module-level branches: eager calls reuse the compiled conditional instead of retracing.
-    return jax.lax.cond(jnp.any(needs_rebuild(nl, positions, cell, batch)), _rebuild, _keep,
+    return jax.lax.cond(any_needs_rebuild(nl, positions, cell, batch), _rebuild, _keep,
                         nl, positions, cell, batch)
+
+
+def any_needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
+    """Scalar bool: ``any(needs_rebuild(...))``, the test :func:`update` runs at every step.
+
+    While no cell has changed since the build (MD at constant volume, fixed-cell
+    relaxation) a system's drift is twice its largest displacement, so one max over all
+    atoms answers it, where the per-system test makes several passes and per-system
+    reductions (on an H200 at 1,024 x 256 atoms: one kernel instead of five).
+    """
+    live = batch.system_mask
+    cell_moved = jnp.any(jnp.any(cell != nl.reference_cell, axis=(-2, -1)) & live)
+
+    def fixed_cells(nl, positions):
+        atoms = batch.atom_mask & gather_systems(live, batch.system_index, False)
+        moved2 = jnp.sum((positions - nl.reference_positions) ** 2, axis=-1)
+        moved = jnp.sqrt(jnp.max(jnp.where(atoms, moved2, 0.0)))
+        return jnp.any(nl.stale & live) | _beyond(2.0 * moved, nl.spec.skin)
+
+    def per_system(nl, positions):
+        return jnp.any(needs_rebuild(nl, positions, cell, batch))
+
+    return jax.lax.cond(cell_moved, per_system, fixed_cells, nl, positions)
 
 
 def mark_stale(nl: NeighborList, systems: jax.Array) -> NeighborList:

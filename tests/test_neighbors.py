@@ -777,3 +777,34 @@ def test_all_pairs_integer_division_path_builds_the_same_list():
     assert not bool(small.overflow) and int(small.needed[1]) > 12   # several images scanned
     for field in ("indices", "shifts"):
         np.testing.assert_array_equal(np.asarray(getattr(large, field)), np.asarray(getattr(small, field)))
+
+
+ANY_NEEDS_REBUILD = jax.jit(neighbors.any_needs_rebuild)
+
+
+def test_any_needs_rebuild_agrees_with_the_per_system_test(x64):
+    """The one-pass test update runs (fixed cells: twice the largest displacement of a real
+    atom) answers like ``any(needs_rebuild)``, right around the skin, with padding atoms
+    moved far away (ignored), stale slots, and changed cells (the per-system path)."""
+    batch = make_batch(VERLET, capacity=CAP)
+    nl = BUILD(make_spec("all_pairs"), batch.positions, batch.cell, batch)
+    real = np.asarray(batch.atom_mask)
+    rng = np.random.default_rng(3)
+    seen = set()
+    for trial in range(24):
+        move = np.zeros(np.shape(batch.positions))
+        atom = rng.choice(np.flatnonzero(real))
+        scale = SKIN / 2 * rng.uniform(0.9, 1.1)          # straddles the skin criterion
+        move[atom] = scale * rng.normal(size=3) / np.sqrt(3)
+        move[~real] = 50.0                                 # padding rows: never count
+        positions = jnp.asarray(np.asarray(batch.positions) + move, batch.dtype)
+        cell = batch.cell
+        if trial % 4 == 3:                                 # a strained cell: per-system path
+            cell = cell.at[0].multiply(1.0 + rng.uniform(0.0, 0.1))
+        listed = nl
+        if trial % 6 == 5:
+            listed = neighbors.mark_stale(nl, jnp.arange(batch.num_systems) == 2)
+        want = bool(np.asarray(NEEDS_REBUILD(listed, positions, cell, batch)).any())
+        assert bool(ANY_NEEDS_REBUILD(listed, positions, cell, batch)) == want, trial
+        seen.add(want)
+    assert seen == {True, False}
