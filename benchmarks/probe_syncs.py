@@ -27,6 +27,7 @@ from peers import nve_inputs
 
 STEPS = 100
 # Per-compilation XLA options tried on the real chunk.
+# graph1_nocub is what the library uses (CHUNK_COMPILER_OPTIONS).
 OPTIONS = {"default": None, "graph1": {"xla_gpu_graph_min_graph_size": 1},
            "graph1_nocub": {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub_radix_sort": False}}
 
@@ -108,7 +109,7 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     from nvalchemi_jax import neighbors
     from nvalchemi_jax.dynamics import NVE
-    from nvalchemi_jax.dynamics.run import run_chunk
+    from nvalchemi_jax.dynamics.run import chunk_steps
     from nvalchemi_jax.models import LennardJones
     cases = [(f"W1 B={b} x 256", b, 4) for b in args.nve]
     cases += [(f"W2 1 x {4 * side**3}", 1, side) for side in args.big]
@@ -119,7 +120,7 @@ def main(argv=None):
         state0 = jax.block_until_ready(md.init(batch))
         limit = jnp.asarray(STEPS, jnp.int32)
         for tag, opts in OPTIONS.items():
-            fn = jax.jit(lambda s: run_chunk(md, s, batch, limit, length=STEPS)[0], compiler_options=opts)
+            fn = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=STEPS)[0], compiler_options=opts)
             build = jax.jit(lambda p: neighbors.build(state0.neighbors.spec, p, batch.cell, batch).indices,
                             compiler_options=opts)
             state = jax.block_until_ready(fn(state0))

@@ -19,7 +19,7 @@ from _nve import batch_of
 from peers import nve_inputs
 from nvalchemi_jax import _pallas, neighbors
 from nvalchemi_jax.dynamics import NVE
-from nvalchemi_jax.dynamics.run import run_chunk
+from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps
 from nvalchemi_jax.models import LennardJones, compute, pair_kernel
 
 
@@ -102,7 +102,8 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     row["build_us"] = 1e6 * median_seconds(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
                                   state.positions, repeat=5)
     limit = jnp.asarray(steps, jnp.int32)
-    chunk = lambda s: run_chunk(md, s, batch, limit, length=steps)[0]
+    chunk = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=steps)[0],
+                    compiler_options=CHUNK_COMPILER_OPTIONS)
     t0 = time.perf_counter()
     state = jax.block_until_ready(chunk(state))
     row["first_chunk_s"] = time.perf_counter() - t0
@@ -111,7 +112,7 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     row["rebuilds"] = int(np.asarray(state.neighbors.rebuilds).max())
     if trace:
         row["kernels_us_count"] = kernel_table(chunk, state)
-    hlo = jax.jit(chunk).lower(state).compile().as_text()
+    hlo = chunk.lower(state).compile().as_text()
     row["hlo_fusions"] = hlo.count(" fusion(") + hlo.count("=fusion(")
     row["hlo_conditionals"] = hlo.count(" conditional(")
     return row

@@ -42,8 +42,7 @@ def _observers(dyn):
 CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub_radix_sort": False}
 
 
-@partial(jax.jit, static_argnames=("length",), compiler_options=CHUNK_COMPILER_OPTIONS)
-def run_chunk(dyn, state, batch, limit, length: int):
+def chunk_steps(dyn, state, batch, limit, length: int):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped). Each observer hook's records are written, on due steps only, into
     a device buffer with one row per due step (``length`` consecutive steps hold at most
@@ -103,6 +102,11 @@ def run_chunk(dyn, state, batch, limit, length: int):
     flags = jnp.stack([state.neighbors.overflow.astype(jnp.int32), went.sum(dtype=jnp.int32),
                        jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
     return state, (buffers, flags)
+
+
+# Compiled at the top level only: JAX refuses compiler options on a jit nested in another
+# (jit `chunk_steps` with the options to use it inside a larger program).
+run_chunk = jax.jit(chunk_steps, static_argnames=("length",), compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
 # One worker, so chunks launch in order and a chunk's input is ready when it starts.
