@@ -94,12 +94,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nve", type=int, nargs="*", default=[1, 1024], help="W1 batch sizes of the real step")
     p.add_argument("--big", type=int, nargs="*", default=[], help="W2 crystals of 4 side**3 atoms")
+    p.add_argument("--skip-constructs", action="store_true")
+    p.add_argument("--step-variants", type=int, nargs="*", default=[],
+                   help="W1 batch sizes for the A/B of the step's gates")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
     rows = []
     x = jnp.linspace(0.0, 1.0, 4096, dtype=jnp.float32)
-    for name, body in constructs().items():
+    for name, body in (constructs() if not args.skip_constructs else {}).items():
         fn = scan_of(body)
         d2h, graphs, kernels = trace_counts(fn, x)
         hlo = fn.lower(x).compile().as_text()
@@ -130,8 +133,40 @@ def main(argv=None):
                          "d2h_per_step": d2h / STEPS, "gpu_events": kernels, "xla_flags": flags,
                          "rebuilds": int(np.asarray(state.neighbors.rebuilds).max())})
             print(json.dumps(rows[-1]), flush=True)
+    if args.step_variants:
+        rows += step_variants(args.step_variants)
     emit([{"benchmark": "probe_syncs", **r} for r in rows], args.out)
 
+
+def step_variants(batches):
+    """The rebuild test of a step: in one pass over the atoms (behind a conditional on cell
+    changes, a node of the step's graph) or per system, with the library's chunk options.
+    (On 2026-11-29 this also compared failure marking gated by one finiteness test: slower
+    at every size, removed.)"""
+    from nvalchemi_jax import neighbors
+    from nvalchemi_jax.dynamics import NVE
+    from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps
+    from nvalchemi_jax.models import LennardJones
+    chosen = neighbors.any_needs_rebuild
+    tests = {"one_pass": neighbors.one_pass_needs_rebuild,
+             "per_system": lambda nl, p, c, b: jnp.any(neighbors.needs_rebuild(nl, p, c, b))}
+    rows = []
+    for b in batches:
+        batch = batch_of(*nve_inputs(b, 4))
+        for rebuild, test in tests.items():
+            neighbors.any_needs_rebuild = test
+            md = NVE(LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True), dt=5.0,
+                     n_steps=10**9, skin=1.0)
+            state = jax.block_until_ready(md.init(batch))
+            limit = jnp.asarray(STEPS, jnp.int32)
+            fn = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=STEPS)[0],
+                         compiler_options=CHUNK_COMPILER_OPTIONS)
+            state = jax.block_until_ready(fn(state))
+            rows.append({"construct": f"NVE step variants W1 B={b} x 256", "rebuild_test": rebuild,
+                         "step_us": 1e6 * timed(fn, state, 5) / STEPS})
+            print(json.dumps(rows[-1]), flush=True)
+    neighbors.any_needs_rebuild = chosen
+    return rows
 
 if __name__ == "__main__":
     main()

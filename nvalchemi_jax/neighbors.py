@@ -557,13 +557,28 @@ def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch
                         nl, positions, cell, batch)
 
 
-def any_needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
-    """Scalar bool: ``any(needs_rebuild(...))``, the test :func:`update` runs at every step.
+# Batches of at least this many atoms test for a rebuild in one pass while no cell has
+# changed. The test needs a conditional (a node of the step's CUDA graph, ~5 µs on an
+# H200) and saves per-system reductions that only large batches notice. H200, per step
+# (results/probe_syncs_h200_2026-11-29_c_step-gates.jsonl): W1 B = 4,096 1,218 vs 1,270 µs,
+# B = 1,024 384 vs 392; B = 64 93 vs 90, B = 1 74 vs 69.
+ONE_PASS_MIN_ATOMS = 2**17
 
-    While no cell has changed since the build (MD at constant volume, fixed-cell
-    relaxation) a system's drift is twice its largest displacement, so one max over all
-    atoms answers it, where the per-system test makes several passes and per-system
-    reductions (on an H200 at 1,024 x 256 atoms: one kernel instead of five).
+
+def any_needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
+    """Scalar bool: ``any(needs_rebuild(...))``, the test :func:`update` runs at every step
+    (in one pass for large batches, see :func:`one_pass_needs_rebuild`)."""
+    if positions.shape[0] >= ONE_PASS_MIN_ATOMS:
+        return one_pass_needs_rebuild(nl, positions, cell, batch)
+    return jnp.any(needs_rebuild(nl, positions, cell, batch))
+
+
+def one_pass_needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array,
+                           batch: Batch) -> jax.Array:
+    """``any(needs_rebuild(...))`` in one pass over the atoms while no cell has changed since
+    the build (MD at constant volume, fixed-cell relaxation): a system's drift is then twice
+    its largest displacement, so one max over all atoms answers it, where the per-system
+    test makes several passes and per-system reductions. Per system when a cell changed.
     """
     live = batch.system_mask
     cell_moved = jnp.any(jnp.any(cell != nl.reference_cell, axis=(-2, -1)) & live)

@@ -779,12 +779,12 @@ def test_all_pairs_integer_division_path_builds_the_same_list():
         np.testing.assert_array_equal(np.asarray(getattr(large, field)), np.asarray(getattr(small, field)))
 
 
-ANY_NEEDS_REBUILD = jax.jit(neighbors.any_needs_rebuild)
+ONE_PASS_NEEDS_REBUILD = jax.jit(neighbors.one_pass_needs_rebuild)
 
 
-def test_any_needs_rebuild_agrees_with_the_per_system_test(x64):
-    """The one-pass test update runs (fixed cells: twice the largest displacement of a real
-    atom) answers like ``any(needs_rebuild)``, right around the skin, with padding atoms
+def test_one_pass_rebuild_test_agrees_with_the_per_system_test(x64):
+    """The one-pass test update runs on large batches (fixed cells: twice the largest
+    displacement of a real atom) answers like ``any(needs_rebuild)``, right around the skin, with padding atoms
     moved far away (ignored), stale slots, and changed cells (the per-system path)."""
     batch = make_batch(VERLET, capacity=CAP)
     nl = BUILD(make_spec("all_pairs"), batch.positions, batch.cell, batch)
@@ -805,6 +805,6 @@ def test_any_needs_rebuild_agrees_with_the_per_system_test(x64):
         if trial % 6 == 5:
             listed = neighbors.mark_stale(nl, jnp.arange(batch.num_systems) == 2)
         want = bool(np.asarray(NEEDS_REBUILD(listed, positions, cell, batch)).any())
-        assert bool(ANY_NEEDS_REBUILD(listed, positions, cell, batch)) == want, trial
+        assert bool(ONE_PASS_NEEDS_REBUILD(listed, positions, cell, batch)) == want, trial
         seen.add(want)
     assert seen == {True, False}

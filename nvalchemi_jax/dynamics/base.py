@@ -298,22 +298,9 @@ class Dynamics:
                              previous_energy=state.energy)
 
     def _mark_failures(self, start: State, state: State, batch: Batch, active: jax.Array) -> State:
-        # Almost every step has nothing to mark: one pass over the state decides, and the
-        # per-system reasons and the blend (another pass over the whole state) run only
-        # when something is not finite (an H200 at 1,024 x 256 atoms: one kernel, not six).
-        atoms = batch.atom_mask & gather_systems(active, batch.system_index, False)
-        atoms_finite = jnp.all(jnp.where(atoms[:, None], jnp.isfinite(state.forces) & jnp.isfinite(
-            state.positions) & jnp.isfinite(state.velocities), True))
-        systems = [state.energy[:, None], state.cell.reshape(-1, 9)]
-        if self.wants_stress:
-            systems.append(state.stress.reshape(-1, 9))
-        systems_finite = jnp.all(jnp.where(active[:, None], jnp.isfinite(
-            jnp.concatenate(systems, axis=1)), True))
-        return jax.lax.cond(atoms_finite & systems_finite, lambda: state,
-                            lambda: self._mark_failures_per_system(start, state, batch, active))
-
-    def _mark_failures_per_system(self, start: State, state: State, batch: Batch,
-                                  active: jax.Array) -> State:
+        # Per system at every step, without a conditional: gating this behind one global
+        # finiteness test (a conditional node in the step's CUDA graph) was slower at every
+        # size on an H200 (results/probe_syncs_h200_2026-11-29_c_step-gates.jsonl).
         finite = lambda x: jnp.isfinite(x)
         # Model outputs first: a NaN force makes velocities NaN a half step later,
         # and the report should name the cause.
