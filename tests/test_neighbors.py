@@ -784,8 +784,9 @@ ONE_PASS_NEEDS_REBUILD = jax.jit(neighbors.one_pass_needs_rebuild)
 
 def test_one_pass_rebuild_test_agrees_with_the_per_system_test(x64):
     """The one-pass test update runs on large batches (fixed cells: twice the largest
-    displacement of a real atom) answers like ``any(needs_rebuild)``, right around the skin, with padding atoms
-    moved far away (ignored), stale slots, and changed cells (the per-system path)."""
+    displacement of a real atom) answers like ``any(needs_rebuild)``, right around the skin,
+    with padding atoms moved far away (ignored), stale slots, and changed cells (the
+    per-system path)."""
     batch = make_batch(VERLET, capacity=CAP)
     nl = BUILD(make_spec("all_pairs"), batch.positions, batch.cell, batch)
     real = np.asarray(batch.atom_mask)

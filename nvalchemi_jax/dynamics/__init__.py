@@ -13,7 +13,7 @@ from nvalchemi_jax.dynamics.sampler import SizeAwareSampler
 from nvalchemi_jax.dynamics.sinks import GPUBuffer, HostMemory, ZarrData
 from nvalchemi_jax.dynamics.thermo import kinetic_energy, maxwell_boltzmann, temperature
 
-__all__ = ["CHUNK_COMPILER_OPTIONS", "FIRE", "FIRE2", "NPH", "NPT", "NVE", "CellFIRE", "ConvergenceHook", "Criterion", "Dynamics",
-           "FusedStage", "GPUBuffer", "Hook", "HookContext", "HostMemory", "NVTLangevin", "NVTNoseHoover",
-           "OptaxRelaxer", "RunResult", "SizeAwareSampler", "Stage", "StageState", "State", "ZarrData",
-           "kinetic_energy", "maxwell_boltzmann", "status", "temperature"]
+__all__ = ["CHUNK_COMPILER_OPTIONS", "FIRE", "FIRE2", "NPH", "NPT", "NVE", "CellFIRE", "ConvergenceHook",
+           "Criterion", "Dynamics", "FusedStage", "GPUBuffer", "Hook", "HookContext", "HostMemory",
+           "NVTLangevin", "NVTNoseHoover", "OptaxRelaxer", "RunResult", "SizeAwareSampler", "Stage",
+           "StageState", "State", "ZarrData", "kinetic_energy", "maxwell_boltzmann", "status", "temperature"]
