@@ -43,7 +43,7 @@ from nvalchemi_jax._validation import sizes_of
 from nvalchemi_jax.batch import ATOM_FIELDS, PADDING, Batch, gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import blend_stage
-from nvalchemi_jax.dynamics.run import _observers, _Progress, dispatch, hand_over, regrown
+from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, _observers, _Progress, dispatch, hand_over, regrown
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 from nvalchemi_jax import neighbors
@@ -70,7 +70,9 @@ class InflightResult:
     padding_efficiency: float
 
 
-@jax.jit
+# Launched with the next chunk from the same worker: compiled like the chunks, so that its
+# neighbor-list rebuild (a conditional) does not hold the launch up on a GPU.
+@functools.partial(jax.jit, compiler_options=CHUNK_COMPILER_OPTIONS)
 def refill(dyn, state, old, batch, freed, new):
     """The state for ``batch`` (the refilled batch, built on the host): ``freed (S,)`` slots
     of ``old`` cleared, ``new (S,)`` slots started. Fixed shapes: never recompiles.
