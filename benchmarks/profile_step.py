@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import jax
@@ -84,7 +85,7 @@ def kernel_blocks(model, batch, positions, nl, blocks):
 
 
 def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", blocks=(),
-            method="auto"):
+            method="auto", hlo_dir=None):
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
     md = NVE(model, dt=5.0, n_steps=10**9, skin=skin, neighbor_method=method)
     state = jax.block_until_ready(md.init(batch))
@@ -113,6 +114,10 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     if trace:
         row["kernels_us_count"] = kernel_table(chunk, state)
     hlo = chunk.lower(state).compile().as_text()
+    if hlo_dir:     # to see what each kernel of the trace computes
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"chunk_{re.sub(r'[^A-Za-z0-9]', '', name)}_skin{skin}.hlo.txt"), "w") as f:
+            f.write(hlo)
     row["hlo_fusions"] = hlo.count(" fusion(") + hlo.count("=fusion(")
     row["hlo_conditionals"] = hlo.count(" conditional(")
     return row
@@ -130,6 +135,7 @@ def main(argv=None):
                    help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
     p.add_argument("--method", default="auto", help="neighbor-list method (auto, all_pairs, cell_list)")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
+    p.add_argument("--hlo-dir", default=None, help="write each chunk's optimized HLO here")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if ROW_SUMS[args.row_sums] is not None:
@@ -139,11 +145,11 @@ def main(argv=None):
     rows = []
     for skin in args.skin:
         rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums,
-                         blocks, args.method) for b in args.batches]
+                         blocks, args.method, args.hlo_dir) for b in args.batches]
         for n in args.big:
             side = round((n / 4) ** (1 / 3))
             rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin,
-                                args.row_sums, blocks, args.method))
+                                args.row_sums, blocks, args.method, args.hlo_dir))
     emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
 
 

@@ -137,9 +137,11 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         terms = [0.5 * phi] + [2.0 * dphi * d[a] for a in range(3)]
         if n_out > 4:
             terms += [dphi * d[a] * d[c] for a in range(3) for c in range(a, 3)]
-        return tuple(total + jnp.sum(t, axis=1) for total, t in zip(acc, terms))
+        return tuple(total + t for total, t in zip(acc, terms))
 
-    zero = jnp.zeros((BLOCK_ROWS,), dtype)
+    # Per-lane accumulators, summed over the columns once at the end: a row sum at every
+    # block step would cost cross-thread shuffles per term and step.
+    zero = jnp.zeros((BLOCK_ROWS, BLOCK_COLS), dtype)
     acc = jax.lax.fori_loop(0, pl.cdiv(k, BLOCK_COLS), block, (zero,) * n_out)
     for ref, value in zip(out_refs, acc):
-        _pallas.store(ref, jnp.where(live, i, n), value, live)
+        _pallas.store(ref, jnp.where(live, i, n), jnp.sum(value, axis=1), live)
