@@ -45,13 +45,14 @@ def spare(interpret: bool) -> int:
     return 1 if interpret else 0
 
 
-def call(kernel, out_shape, grid: int, num_warps: int, name: str, interpret: bool):
+def call(kernel, out_shape, grid: int, num_warps: int, name: str, interpret: bool,
+         num_stages: int = 1):
     """``pl.pallas_call`` on a 1-D grid."""
     from jax.experimental import pallas as pl
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), compiler_params=params,
                           interpret=interpret, name=name)
 

@@ -24,12 +24,16 @@ from nvalchemi_jax import _pallas
 from nvalchemi_jax.batch import Batch
 from nvalchemi_jax.neighbors import NeighborList
 
-# Block shape (powers of two: Triton's tiles). On an H200 (2026-11-28, argon, K = 99)
-# 32 x 16 with 4 warps was fastest: 352 µs at 256,000 atoms, 403 µs at 1,024 x 256
-# (XLA's form: 1,285 and 1,329 µs); 128 x 16 and 64 x 16 with 2 warps were ~2x slower.
+# Block shape (powers of two: Triton's tiles). On an H200 (argon, K = 99) 32 x 16 with 4
+# warps was fastest, before (2026-11-28) and after (2026-11-29, whole W1/W2 runs:
+# results/pair_kernel_blocks_ab_*) the per-lane accumulators; 64 x 16 x 8 was within 3 %,
+# 64 x 16 x 4 and 128 x 16 x 8 8-17 % slower at B >= 1,024. Triton's pipelining of the
+# block loop (num_stages 2 vs 1) gained 0-5 % (results/pair_kernel_variants_*); Pallas
+# cannot lower an unrolled loop.
 BLOCK_ROWS = 32     # atoms per program
 BLOCK_COLS = 16     # neighbors per inner step
 NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 def frame_rows(frame_ref, system):
@@ -87,7 +91,8 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
-    call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret)
+    call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret,
+                        NUM_STAGES)
     # Positions as rows (x, y, z, 0): a neighbor's position is one vector load, not three
     # (H200, float32, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
     padded = jnp.pad(positions, ((0, 0), (0, 1)))
