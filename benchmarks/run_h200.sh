@@ -36,8 +36,8 @@ case $part in
     run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
   part2)
     run w3_relax 230 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --mixed-count 1000 \
-      --mixed-batch 128 --fused-count 500 --peers
-    run w4_hooks 100 bench_w4_hooks.py --batches 1024 --steps 1000
+      --mixed-batch 128 --mixed-repeats 3 --fused-count 500 --peers
+    run w4_hooks 100 bench_w4_hooks.py --batches 1024 --steps 1000 --repeats 5
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
     run profile_step_methods 100 profile_step.py --batches 1024 4096 --skin 1.0 --method cell_list ;;
   part2-peers)
