@@ -129,9 +129,11 @@ def inflight(positions, cells, batch_size, fmax, skin, refill, atoms_per_slot):
 
 
 def timed(fn, warm_args, args):
-    """Warm-up on ``warm_args`` (same shapes), then the timed call with compilations counted."""
+    """Warm-up on ``warm_args`` (same shapes; None: already warm), then the timed call with
+    compilations counted."""
     t0 = time.perf_counter()
-    fn(*warm_args)
+    if warm_args is not None:
+        fn(*warm_args)
     warm = time.perf_counter() - t0
     with compilations() as seen:
         out = fn(*args)
@@ -185,13 +187,12 @@ def mixed_set(a, report):
     flying = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, a.refill, int(1.3 * mean))
     rates = {"fixed batches": [], "inflight": []}
     for r in range(a.mixed_repeats):
-        warm = (mpos, mcells) if r == 0 else (mpos[:1], mcells[:1])    # compiled after the first
-        (sec, steps, conv), info = timed(fixed, warm, (mpos, mcells))
+        (sec, steps, conv), info = timed(fixed, (mpos, mcells) if r == 0 else None, (mpos, mcells))
         row = summary("fixed batches", mpos, steps, conv, sec, dataset="mixed 32-500",
                       batch_size=a.mixed_batch, repeat=r, **info)
         rates["fixed batches"].append(row["structures_per_s"])
         report(row)
-        warm = (mpos[:a.mixed_batch * 2], mcells[:a.mixed_batch * 2])
+        warm = (mpos[:a.mixed_batch * 2], mcells[:a.mixed_batch * 2]) if r == 0 else None
         (sec, steps, conv, extra), info = timed(flying, warm, (mpos, mcells))
         row = summary("inflight", mpos, steps, conv, sec, dataset="mixed 32-500", batch_size=a.mixed_batch,
                       refill_frequency=a.refill, repeat=r, **extra, **info)
