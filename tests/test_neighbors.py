@@ -693,6 +693,11 @@ def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64):
     distances = lambda lst, pos: np.sort(np.linalg.norm(np.asarray(
         neighbors.pair_vectors(lst, pos, batch.cell, batch)[0])[np.asarray(lst.mask)], axis=-1))
     np.testing.assert_allclose(distances(wide, far), distances(nl, batch.positions), atol=1e-8)
+    # 120 cells away (shifts up to ~121) still fits a byte: no overflow, the same pairs.
+    near = batch.positions.at[0].add(120.0 * batch.cell[0, 0])
+    kept = neighbors.build(nl.spec, near, batch.cell, batch)
+    assert not bool(kept.overflow) and int(np.asarray(kept.max_shift).max()) >= 119
+    np.testing.assert_allclose(distances(kept, near), distances(nl, batch.positions), atol=1e-8)
 
 
 def test_allocate_trims_the_row_width_to_what_is_needed(x64):
