@@ -469,13 +469,21 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     count = jnp.minimum(occupancy, m_bin)
     own = floor.astype(jnp.int32)
     base = jnp.where(periodic[:, None, :], image, 0) + own[:, None, :]   # + own cell of origin
-    # Each stencil bin's candidates fill whole words; read in bin order (positions
-    # sorted by bin: a bin's atoms are contiguous).
-    per_bin = -(-m_bin // WORD) * WORD
+    # Each stencil bin has m_bin candidate slots, read in bin order (positions sorted by bin:
+    # a bin's atoms are contiguous). Slots are not padded to whole bit-mask words: FCC argon's
+    # bins hold up to 32 atoms, so padding made 27 x 64 slots of 27 x ~40.
+    per_bin = m_bin
     sorted_positions, sorted_own = positions[order], own[order]
 
+    # m // per_bin as a float multiply (per_bin is no power of two; see _quotient).
+    # (Candidates are tested in whole blocks: m runs up to a block past the last one.)
+    exact = len(stencil) * per_bin + max(spec.block_size, WORD) < 2**21
+    divide = _quotient if exact else (lambda x, divisor, inverse: x // divisor)
+    inverse = jnp.float32(1.0 / per_bin)
+
     def candidate(m):
-        t, q = jnp.minimum(m // per_bin, len(stencil) - 1), m % per_bin
+        bin_of = divide(m, per_bin, inverse)
+        t, q = jnp.minimum(bin_of, len(stencil) - 1), m - bin_of * per_bin
         valid = (m < len(stencil) * per_bin) & (q < _row_take(count, t))
         at = jnp.clip(_row_take(lo, t) + q, 0, n_atoms - 1)
         j = order[at]
@@ -702,7 +710,7 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     cl_shift = int(np.max(np.ceil(rc / bin_length), initial=1))
     per_bin = int(np.ceil(1.5 * np.max(density * np.prod(bin_length, axis=1)))) + 4
     cost_all_pairs = -(-max_candidates // WORD) * WORD          # as tested: whole words
-    cost_cell_list = -(-per_bin // WORD) * WORD * (2 * cl_shift + 1) ** 3
+    cost_cell_list = -(-per_bin * (2 * cl_shift + 1) ** 3 // WORD) * WORD
     if method == "auto":
         method = "all_pairs" if cost_all_pairs <= cost_cell_list else "cell_list"
     fit = max_neighbors is None and not batch.capacity.max_neighbors
