@@ -60,7 +60,7 @@ from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
-SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> largest |n|
+SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> clip bound (int8: |n| >= 127 overflows)
 
 
 @dataclasses.dataclass(frozen=True)

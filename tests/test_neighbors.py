@@ -677,7 +677,7 @@ def test_spec_validation():
 
 
 def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64):
-    """Shifts are stored in one byte each; an atom unwrapped more than 127 cells away
+    """Shifts are stored in one byte each; an atom unwrapped 127 or more cells away
     makes the list overflow, and growing it switches to int32 shifts that give the same
     pair distances as the wrapped system."""
     batch = make_batch(["cubic"])

@@ -27,7 +27,7 @@ from nvalchemi_jax.neighbors import NeighborList
 # Block shape (powers of two: Triton's tiles). On an H200 (argon, K = 99) 32 x 16 with 4
 # warps was fastest, before (2026-11-28) and after (2026-11-29, whole W1/W2 runs:
 # results/pair_kernel_blocks_ab_*) the per-lane accumulators; 64 x 16 x 8 was within 3 %,
-# 64 x 16 x 4 and 128 x 16 x 8 8-17 % slower at B >= 1,024. Triton's pipelining of the
+# 64 x 16 x 4 and 128 x 16 x 8 14-18 % slower at B >= 1,024. Triton's pipelining of the
 # block loop (num_stages 2 vs 1) gained 0-5 % (results/pair_kernel_variants_*); Pallas
 # cannot lower an unrolled loop.
 BLOCK_ROWS = 32     # atoms per program
