@@ -60,7 +60,7 @@ from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
-SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of lattice shifts -> clip bound (int8: |n| >= 127 overflows)
+SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of shifts -> clip bound (int8: 127 overflows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +307,12 @@ def _quotient(x, divisor, inverse):
     return jnp.floor((x.astype(jnp.float32) + 0.5) * inverse).astype(jnp.int32)
 
 
+def _divider(largest: int):
+    """``divide(x, divisor, inverse) = x // divisor`` for ``0 <= x <= largest``: by
+    :func:`_quotient` where that is exact, else by integer division."""
+    return _quotient if largest < 2**21 else (lambda x, divisor, inverse: x // divisor)
+
+
 def _pair_ok(x_i, x_j, frame_i, i, j, n, valid, rc2):
     """Candidates (at ``x_j``, three ``(N, B)`` components, with shifts ``n`` likewise) within
     the list cutoff of atoms ``i`` (at ``x_i (N, 3)``) that are not an atom paired with itself."""
@@ -381,7 +387,7 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     i = jnp.arange(n_atoms, dtype=jnp.int32)
     # Candidate m -> (atom, image), and the image's mixed-radix digits (one per axis).
     # Divisions as float multiplies where exact (see _quotient).
-    divide = _quotient if spec.max_candidates < 2**21 else (lambda x, divisor, inverse: x // divisor)
+    divide = _divider(spec.max_candidates)
     inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
     per_atoms, r2, r12 = count_i[:, None], radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
     inverses = [inverse_of(v) for v in (per_atoms, r2, r12)]
@@ -475,10 +481,9 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     per_bin = m_bin
     sorted_positions, sorted_own = positions[order], own[order]
 
-    # m // per_bin as a float multiply (per_bin is no power of two; see _quotient).
-    # (Candidates are tested in whole blocks: m runs up to a block past the last one.)
-    exact = len(stencil) * per_bin + max(spec.block_size, WORD) < 2**21
-    divide = _quotient if exact else (lambda x, divisor, inverse: x // divisor)
+    # m // per_bin (per_bin is no power of two); candidates are tested in whole blocks, so
+    # m runs up to a block past the last one.
+    divide = _divider(len(stencil) * per_bin + max(spec.block_size, WORD))
     inverse = jnp.float32(1.0 / per_bin)
 
     def candidate(m):
