@@ -33,7 +33,7 @@ def variadic_row_sums(terms):
 ROW_SUMS = {"separate": None, "variadic": variadic_row_sums}
 
 
-def kernel_table(chunk, state, top=25):
+def kernel_table(chunk, state, top=60):
     """Run one chunk under ``jax.profiler`` and sum GPU kernel time by kernel name
     (from the Perfetto trace JAX writes), per step of the chunk."""
     import glob
