@@ -280,8 +280,12 @@ def _compact(spec, n_atoms, n_candidates, candidate):
     # The largest |shift| of each row, from the stored table: reduced from the candidates,
     # XLA re-evaluated them inside a row reduction (0.75 of a 2.0 ms build at 1,024 x 256
     # atoms on an H200). A clipped shift may have been larger: it counts as an overflow.
+    # Reduced over whole contiguous rows (K x 3 values), one masked maximum per axis: over
+    # the table's middle axis the reduction read 3-byte strides (0.17 ms per build there).
     shifts = jax.lax.optimization_barrier(shifts)
-    reach = jnp.max(jnp.abs(shifts.astype(jnp.int32)), axis=1)
+    flat = jnp.abs(shifts.reshape(n_atoms, k * 3).astype(jnp.int32))
+    axis = jnp.arange(k * 3, dtype=jnp.int32) % 3
+    reach = jnp.stack([jnp.max(jnp.where(axis == a, flat, 0), axis=1) for a in range(3)], axis=-1)
     if spec.shift_dtype == "int8":
         reach = jnp.where(reach >= most, most + 1, reach)
     return indices, shifts, total, reach

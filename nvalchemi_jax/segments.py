@@ -10,10 +10,17 @@ atoms that belong to another system (padding and refilled slots included).
 Results equal ``jax.ops.segment_*`` (sums up to float rounding order) for any
 layout; ids outside ``[0, num_segments)`` are dropped, empty segments get the
 identity (0, the dtype's lowest or highest value).
+
+On an H200 (2026-11-29) XLA fused the block reduction into the scatter of the block
+results, where each result became one thread reading its block's values in turn
+(~6 µs per reduction at 262,144 atoms, and one system's 250 block results at 32,000
+atoms all updated one address): the block results are now materialised first, and a
+single segment is a plain reduction.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 BLOCK = 128
@@ -34,6 +41,10 @@ def _reduce(kind: str, values, ids, num_segments: int):
     out = jnp.full((num_segments,) + values.shape[1:], identity, values.dtype)
     scatter = lambda out, idx, v: getattr(out.at[idx], {"sum": "add"}.get(kind, kind))(v, mode="drop")
     n = values.shape[0]
+    if num_segments == 1:       # one system (a single large crystal): no scatter at all
+        inside = (ids == 0).reshape(ids.shape + (1,) * (values.ndim - 1))
+        return getattr(jnp, kind)(jnp.where(inside, values, identity), axis=0, keepdims=True,
+                                  initial=identity)
     if n < 2 * BLOCK:
         return scatter(out, ids, values)
     pad = (-n) % BLOCK
@@ -46,6 +57,8 @@ def _reduce(kind: str, values, ids, num_segments: int):
     grouped = values.reshape((-1, BLOCK) + values.shape[1:])
     expand = same.reshape(same.shape + (1,) * (values.ndim - 1))
     dense = getattr(jnp, kind)(jnp.where(expand, grouped, identity), axis=1)
+    # A kernel of its own, parallel over the blocks' values (see the module's docstring).
+    dense, head = jax.lax.optimization_barrier((dense, head))
     out = scatter(out, head, dense)
     strays = jnp.where(same, num_segments, blocks).reshape(-1)   # out of range: dropped
     return scatter(out, strays, values)
