@@ -98,28 +98,3 @@ def test_mode_is_checked(monkeypatch):
     monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "triton")
     with pytest.raises(ValueError, match="NVALCHEMI_JAX_KERNELS"):
         _pallas.mode()
-
-
-@pytest.mark.parametrize("method", ["all_pairs", "cell_list"])
-def test_neighbor_words_kernel_builds_the_xla_table(method, monkeypatch):
-    """The first pass of a build by the kernel (interpreted here): the same table, needs and
-    shift bounds as XLA's pass, for crystals, a triclinic cell, a slab, a cell thinner than
-    the cutoff and a cluster."""
-    from nvalchemi_jax import neighbor_words
-    cluster = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
-    cluster.pbc = False
-    cluster.positions += np.random.default_rng(3).normal(0, 0.1, cluster.positions.shape)
-    batch = Batch.from_atoms(_crystals(1) + [cluster])
-    spec, _ = neighbors.allocate(batch, 8.5, skin=0.5, method=method)
-    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
-    ref = neighbors.build(spec, batch.positions, batch.cell, batch)
-    calls = []
-    real = neighbor_words.words
-    monkeypatch.setattr(neighbor_words, "words", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
-    got = neighbors.build(spec, batch.positions, batch.cell, batch)
-    assert calls == [1]
-    assert int(np.asarray(ref.mask).sum(axis=1)[np.asarray(batch.atom_mask)].min()) > 0
-    for field in ("indices", "shifts", "needed", "max_shift"):
-        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(ref, field)),
-                                      err_msg=f"{method}: {field}")
