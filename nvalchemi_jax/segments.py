@@ -15,7 +15,8 @@ On an H200 (2026-11-29) XLA fused the block reduction into the scatter of the bl
 results, where each result became one thread reading its block's values in turn
 (~6 µs per reduction at 262,144 atoms, and one system's 250 block results at 32,000
 atoms all updated one address): the block results are now materialised first, and a
-single segment is a plain reduction.
+single segment is a plain reduction (with the builds' row-wise shift bounds: W2 +5 to +8 %,
+W1 level; results/step_overheads_ab_h200_2026-11-29.jsonl).
 """
 
 from __future__ import annotations
