@@ -415,6 +415,12 @@ def _relax_nvalchemi(positions, cells, fmax, smoothing, sigma, epsilon, cutoff, 
         t0 = time.perf_counter()  # torch.compile's dynamic-shape recompile happens here too
         for k in (3, 4):
             run(positions[:k], cells[:k])
+        # Then the timed inputs themselves, as our own runs are warmed up: with the small
+        # warm-up alone, the timed run on 10,000 structures took 75 s (fixed) and 201 s
+        # (inflight) on an H200 (results/w3_relax_h200_2026-11-29_f_*), 15-30x below the
+        # issue's figures for nvalchemi on that GPU; shape-specific compilation (the hook's
+        # torch.compile is mode="max-autotune-no-cudagraphs") is the suspect.
+        run(positions, cells)
         warm = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
