@@ -227,7 +227,8 @@ class _Candidates:
         ``ok (N, B)`` bool acceptance. Candidates gather from tables in their builder's
         sorted order (a row's candidates are contiguous there) and the self-pair test
         compares keys with the row's own rank: no gather through ``order`` in the first
-        pass (H200, 256,000 atoms: W2 7.0e8 -> 7.4e8 atom-steps/s, one round of a same-call A/B).
+        pass (H200, 256,000 atoms: W2 7.0e8 -> 7.4e8 atom-steps/s, one round of a
+        same-call A/B).
     """
 
     count: int
