@@ -56,6 +56,7 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "steps": taken, "seconds": seconds, "atom_steps_per_s": atoms * taken / seconds,
             "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
+            "shift_dtype": nl.spec.shift_dtype,
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
@@ -88,4 +89,13 @@ def add_arguments(parser):
     parser.add_argument("--chunk", type=int, default=100)
     parser.add_argument("--skin", type=float, default=1.0)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
+    parser.add_argument("--shifts", choices=("int8", "packed"), default=None,
+                        help="our neighbor lists' shift storage (default: the library's)")
     parser.add_argument("--out", default=None)
+
+
+def configure(args):
+    """Library settings the options change (before anything is allocated)."""
+    if args.shifts is not None:
+        from nvalchemi_jax import neighbors
+        neighbors.DEFAULT_SHIFT_DTYPE = args.shifts

@@ -16,6 +16,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="*", default=[1, 16])
     _nve.add_arguments(p)
     args = p.parse_args(argv)
+    _nve.configure(args)
     rows = []
     for b in args.batches:
         rows += _nve.compare(f"W1 B={b} x 256", b, 4, args.steps, args.peer_steps, args.chunk,

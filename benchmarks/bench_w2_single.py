@@ -16,6 +16,7 @@ def main(argv=None):
     p.add_argument("--atoms", type=int, nargs="*", default=[4000], help="4 r^3 for r cells per side")
     _nve.add_arguments(p)
     args = p.parse_args(argv)
+    _nve.configure(args)
     rows = []
     for n in args.atoms:
         side = round((n / 4) ** (1 / 3))

@@ -1,7 +1,7 @@
 """On this device: the neighbor tables of both builders against a brute-force search on the
 host (every pair within the list cutoff, once, by minimum image: these cells are more
 than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
-to float32 rounding). Exit status 1 if not (``run_h200.sh`` then falls back to
+to float32 rounding), with int8 and packed shift storage. Exit status 1 if not (``run_h200.sh`` then falls back to
 ``NVALCHEMI_JAX_KERNELS=xla``, which covers the kernel only). Prints JSON lines.
 
     python benchmarks/check_kernels.py
@@ -10,6 +10,7 @@ to float32 rounding). Exit status 1 if not (``run_h200.sh`` then falls back to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -35,7 +36,7 @@ def brute_force_pairs(positions, cell, rc):
 def table_errors(nl, batch):
     """Pairs missing from, or listed beyond the list cutoff / more than once in, each system."""
     positions, cell = np.asarray(batch.positions, float), np.asarray(batch.cell, float)
-    index, indices, shifts = (np.asarray(x) for x in (batch.system_index, nl.indices, nl.shifts))
+    index, indices, shifts = (np.asarray(x) for x in (batch.system_index, nl.indices, nl.shift_vectors))
     rc, errors = nl.spec.list_cutoff, 0
     for s in np.flatnonzero(np.asarray(batch.system_mask)):
         atoms = np.flatnonzero(index == s)
@@ -52,9 +53,12 @@ def table_errors(nl, batch):
     return errors
 
 
-def check(name, batch, method):
+def check(name, batch, method, shift_dtype="int8"):
     model = LennardJones(**LJ, shift=True)
-    _, nl = neighbors.allocate(batch, model.cutoff, skin=1.0, method=method)
+    spec, nl = neighbors.allocate(batch, model.cutoff, skin=1.0, method=method)
+    if shift_dtype != spec.shift_dtype:
+        nl = neighbors.build(dataclasses.replace(spec, shift_dtype=shift_dtype), batch.positions,
+                             batch.cell, batch)
     forces = {}
     for mode in ("xla", "pallas"):
         os.environ["NVALCHEMI_JAX_KERNELS"] = mode
@@ -62,8 +66,9 @@ def check(name, batch, method):
             batch.positions, nl))
     err = float(np.abs(forces["pallas"] - forces["xla"]).max() / np.abs(forces["xla"]).max())
     wrong = table_errors(nl, batch)
-    return {"case": name, "method": method, "K": nl.spec.max_neighbors, "table_errors": wrong,
-            "force_max_rel_err": err, "ok": bool(err < 1e-5 and wrong == 0)}
+    return {"case": name, "method": method, "shift_dtype": shift_dtype, "K": nl.spec.max_neighbors,
+            "table_errors": wrong, "force_max_rel_err": err,
+            "ok": bool(err < 1e-5 and wrong == 0 and not bool(nl.overflow))}
 
 
 def main(argv=None):
@@ -73,7 +78,9 @@ def main(argv=None):
     before = os.environ.get("NVALCHEMI_JAX_KERNELS")
     rows = [check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "all_pairs"),
             check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "cell_list"),
-            check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list")]
+            check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list"),
+            check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "all_pairs", "packed"),
+            check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list", "packed")]
     if before is None:
         os.environ.pop("NVALCHEMI_JAX_KERNELS")
     emit([{"benchmark": "check_kernels", **r} for r in rows], args.out)

@@ -3,9 +3,10 @@
 # call (10 minutes at most) finishes: `profile` = per-kernel tables of the step and the
 # fused kernels' block shapes (~4 min), `part1` = W1 + W2 with the peers (~6 min),
 # `part2` = W3, W4, W5 and the neighbor-method profile (~5 min), `part2-peers` = W3's
-# peers (nvalchemi's fixed and inflight runs, each warmed up on its timed inputs; ~9 min). Each part first checks the fused
-# kernels against the XLA forms on this GPU and falls back to the XLA forms if they
-# disagree. Run from the repository root on the H200 after install_peers.sh; results
+# peers (nvalchemi's fixed and inflight runs, each warmed up on its timed inputs; ~9 min),
+# `shifts-ab` = W1/W2 with packed against int8 neighbor shifts (alternating rounds). Each
+# part first checks the fused kernels against the XLA forms on this GPU and falls back to
+# the XLA forms if they disagree. Run from the repository root on the H200 after install_peers.sh; results
 # (JSON lines + logs) go to $2 (default benchmarks/results).
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
@@ -45,5 +46,15 @@ case $part in
       --peers nvalchemi:fixed ase --ase-count 10
     run w3_relax_peers_inflight 300 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:inflight ;;
-  *) echo "unknown part $part (profile, part1, part2 or part2-peers)"; exit 2 ;;
+  shifts-ab)   # packed vs int8 shift storage, ours only, two alternating rounds, one file (~5 min)
+    for round in 1 2; do
+      order="int8 packed"; [ $round = 2 ] && order="packed int8"
+      for shifts in $order; do
+        run w1_shifts_tmp 120 bench_w1_batched.py --batches 1024 4096 --steps 300 --peers --shifts $shifts
+        run w2_shifts_tmp 120 bench_w2_single.py --atoms 32000 256000 --steps 300 --peers --shifts $shifts
+        cat "$out"/w[12]_shifts_tmp_h200_$day.jsonl >> "$out/shifts_ab_h200_$day.jsonl"
+        rm -f "$out"/w[12]_shifts_tmp_h200_$day.jsonl
+      done
+    done ;;
+  *) echo "unknown part $part (profile, part1, part2, part2-peers or shifts-ab)"; exit 2 ;;
 esac

@@ -61,7 +61,13 @@ from nvalchemi_jax.batch import Batch, gather_systems
 from nvalchemi_jax import segments
 
 METHODS = ("all_pairs", "cell_list")
-SHIFT_DTYPES = {"int8": 127, "int32": 2**31 - 1}   # storage of shifts -> clip bound (int8: 127 overflows)
+# Storage of shifts -> clip bound (a shift at the bound may have been clipped: it overflows).
+# "packed": one byte per entry, base-5 digits (n_a + 2) of the three components.
+SHIFT_DTYPES = {"packed": 2, "int8": 127, "int32": 2**31 - 1}
+PACKED_PADDING = 62          # the packed code of the zero shift (2 + 2 * 5 + 2 * 25)
+
+# The shift storage allocate() picks where the systems' images allow it (see NeighborSpec).
+DEFAULT_SHIFT_DTYPE = "int8"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +87,10 @@ class NeighborSpec:
     block_size: candidates per atom tested in one pass of a build, rounded down to a
         multiple of 32 (at least 32), both methods: memory vs speed.
     shift_dtype: storage of the lattice shifts: ``"int8"`` (the list is read every step,
-        and a byte per component is 4x less traffic than int32) or ``"int32"`` (what
-        :func:`grow` switches to when atoms drift 127 or more cells from their cell).
+        and a byte per component is 4x less traffic than int32), ``"packed"`` (one byte per
+        entry for all three components, |n| <= 1 per axis: a third of int8's traffic) or
+        ``"int32"``. :func:`grow` widens packed to int8 when some |n| reaches 2, and int8
+        to int32 when atoms drift 127 or more cells from their cell.
     """
 
     cutoff: float
@@ -121,8 +129,10 @@ class NeighborList:
     """Dense neighbor table plus what the Verlet test and overflow checks need.
 
     indices: ``(N, K) int32``, padding = ``N``.
-    shifts: ``(N, K, 3)`` lattice translations, ``spec.shift_dtype`` (int8: |n| < 127;
-        from there on the list overflows and :func:`grow` switches to int32).
+    shifts: lattice translations as stored: ``(N, K, 3)`` int8 or int32, or ``(N, K)``
+        uint8 codes when ``spec.shift_dtype == "packed"``; :attr:`shift_vectors` and
+        :func:`shift_components` read either (int8: |n| < 127, packed: |n| < 2; from there
+        on the list overflows and :func:`grow` widens the storage).
     reference_positions: ``(N, 3)`` positions at the last rebuild.
     reference_cell: ``(S, 3, 3)`` cells at the last rebuild.
     max_shift: ``(S, 3) int32`` largest ``|shift|`` per axis in each system's rows.
@@ -161,10 +171,38 @@ class NeighborList:
         return jnp.any(self.needed > self.capacities) | self.shift_overflow
 
     @property
+    def shift_vectors(self) -> jax.Array:
+        """``(N, K, 3) int32`` lattice translations, whatever the storage."""
+        return jnp.stack(shift_components(self.shifts, self.spec.shift_dtype), axis=-1)
+
+    @property
     def shift_overflow(self) -> jax.Array:
         """Scalar bool: some lattice shift does not fit ``spec.shift_dtype`` (atoms
         unwrapped far from their cell); :func:`grow` then widens the storage."""
         return jnp.any(self.max_shift > SHIFT_DTYPES[self.spec.shift_dtype])
+
+
+def shift_components(shifts: jax.Array, shift_dtype: str) -> list[jax.Array]:
+    """Three ``(N, K) int32`` shift components from stored ``shifts`` (see :class:`NeighborSpec`)."""
+    if shift_dtype != "packed":
+        return [shifts[..., a].astype(jnp.int32) for a in range(3)]
+    return unpack_shift_code(shifts.astype(jnp.int32))
+
+
+def unpack_shift_code(code):
+    """The three components of packed shift codes (int32; also inside GPU kernels)."""
+    five, twenty_five = np.int32(5), np.int32(25)
+    return [jax.lax.rem(code, five) - 2, jax.lax.rem(jax.lax.div(code, five), five) - 2,
+            jax.lax.div(code, twenty_five) - 2]
+
+
+def _store_shifts(n: list, shift_dtype: str) -> jax.Array:
+    """Three ``(N, K)`` int components as stored (clipped to the storage's bound)."""
+    most = SHIFT_DTYPES[shift_dtype]
+    n = [jnp.clip(c, -most, most) for c in n]
+    if shift_dtype == "packed":
+        return ((n[0] + 2) + 5 * (n[1] + 2) + 25 * (n[2] + 2)).astype(jnp.uint8)
+    return jnp.stack([c.astype(shift_dtype) for c in n], axis=-1)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -249,7 +287,7 @@ def _compact(spec, n_atoms, cand: _Candidates):
     form: 1.4 and 10.6 ms; the cell list at 256,000 atoms: 4.3 ms, its Pallas kernel 8.5 ms).
     Candidates keep their order, so the table is the one a scan in candidate order would give.
 
-    Returns ``indices (N, K)``, ``shifts (N, K, 3)`` (``spec.shift_dtype``, clipped),
+    Returns ``indices (N, K)``, ``shifts`` (stored as ``spec.shift_dtype``, clipped),
     ``total (N,)`` accepted candidates (may exceed K) and ``reach (N, 3)`` the largest
     ``|shift|`` per axis among the entries.
     """
@@ -300,18 +338,22 @@ def _compact(spec, n_atoms, cand: _Candidates):
     j = cand.tables["order"][key]
     most = SHIFT_DTYPES[spec.shift_dtype]
     indices = jnp.where(live, j, n_atoms).astype(jnp.int32)
-    n = [jnp.where(live, c, 0) for c in n]
-    shifts = jnp.stack([jnp.clip(c, -most, most).astype(spec.shift_dtype) for c in n], axis=-1)
+    shifts = _store_shifts([jnp.where(live, c, 0) for c in n], spec.shift_dtype)
     # The largest |shift| of each row, from the stored table: reduced from the candidates,
     # XLA re-evaluated them inside a row reduction (0.75 of a 2.0 ms build at 1,024 x 256
     # atoms on an H200). A clipped shift may have been larger: it counts as an overflow.
     # Reduced over whole contiguous rows (K x 3 values), one masked maximum per axis: over
     # the table's middle axis the reduction read 3-byte strides (0.17 ms per build there).
     shifts = jax.lax.optimization_barrier(shifts)
-    flat = jnp.abs(shifts.reshape(n_atoms, k * 3).astype(jnp.int32))
-    axis = jnp.arange(k * 3, dtype=jnp.int32) % 3
-    reach = jnp.stack([jnp.max(jnp.where(axis == a, flat, 0), axis=1) for a in range(3)], axis=-1)
-    if spec.shift_dtype == "int8":
+    if spec.shift_dtype == "packed":
+        reach = jnp.stack([jnp.max(jnp.abs(c), axis=1)
+                           for c in shift_components(shifts, "packed")], axis=-1)
+    else:
+        flat = jnp.abs(shifts.reshape(n_atoms, k * 3).astype(jnp.int32))
+        axis = jnp.arange(k * 3, dtype=jnp.int32) % 3
+        reach = jnp.stack([jnp.max(jnp.where(axis == a, flat, 0), axis=1) for a in range(3)],
+                          axis=-1)
+    if spec.shift_dtype != "int32":
         reach = jnp.where(reach >= most, most + 1, reach)
     return indices, shifts, total, reach
 
@@ -691,7 +733,7 @@ def pair_components(nl: NeighborList, positions: jax.Array, cell: jax.Array, bat
     mask = nl.mask
     j = jnp.where(mask, nl.indices, 0)
     cell_i = gather_systems(cell, batch.system_index)
-    shift = [nl.shifts[..., k].astype(positions.dtype) for k in range(3)]
+    shift = [c.astype(positions.dtype) for c in shift_components(nl.shifts, nl.spec.shift_dtype)]
     out = []
     for a in range(3):
         column = positions[:, a]
@@ -714,8 +756,8 @@ def grow(nl: NeighborList, factor: float = 1.25) -> NeighborSpec:
     """
     spec = nl.spec
     changes = {}
-    if bool(nl.shift_overflow):      # atoms far from their cell: shifts need 4 bytes
-        changes["shift_dtype"] = "int32"
+    if bool(nl.shift_overflow):      # packed -> a byte per component -> 4 bytes
+        changes["shift_dtype"] = "int8" if spec.shift_dtype == "packed" else "int32"
     needed = [int(x) for x in np.asarray(nl.needed)]
     more = lambda have, need: have if need <= have else max(have + 1, math.ceil(need * factor))
     changes["max_neighbors"] = more(spec.max_neighbors, needed[0])
@@ -783,10 +825,13 @@ def allocate(batch: Batch, cutoff: float, skin: float = 0.5, method: str = "auto
     if max_neighbors is None:   # an estimate with 25 % headroom, trimmed after the first build
         max_neighbors = batch.capacity.max_neighbors or int(
             np.ceil(1.25 * float(density.max()) * 4.0 / 3.0 * np.pi * rc**3)) + 8
+    # Packed shifts hold |n| <= 1: systems that need further images start with int8.
+    packed = DEFAULT_SHIFT_DTYPE == "packed" and reach.max(initial=0) <= 1 and (
+        method == "all_pairs" or cl_shift <= 1)
     spec = NeighborSpec(cutoff=cutoff, skin=skin, max_neighbors=max_neighbors, method=method,
                         max_candidates=max(1, max_candidates), max_atoms_per_bin=per_bin,
-                        max_image_shift=cl_shift,
-                        block_size=block_size)
+                        max_image_shift=cl_shift, block_size=block_size,
+                        shift_dtype="packed" if packed else "int8")
     spec, nl = build_fitting(spec, batch.positions, batch.cell, batch)
     snug = int(np.ceil(1.1 * int(nl.needed[0]))) + 4
     if fit and snug < spec.max_neighbors:

@@ -98,3 +98,32 @@ def test_mode_is_checked(monkeypatch):
     monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "triton")
     with pytest.raises(ValueError, match="NVALCHEMI_JAX_KERNELS"):
         _pallas.mode()
+
+
+@pytest.mark.parametrize("method", ["all_pairs", "cell_list"])
+def test_pair_sums_from_packed_shifts(method):
+    """The kernel reads one byte per neighbor for packed shift storage: the same sums as
+    from int8 storage (and as the XLA form reading packed codes)."""
+    import dataclasses
+    rng = np.random.default_rng(4)
+    wide = [ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat((4, 4, 4)),
+            ase.build.bulk("Ar", "fcc", a=5.26).repeat((7, 7, 7)),       # triclinic
+            ase.build.bulk("Kr", "fcc", a=5.6, cubic=True).repeat((4, 4, 2))]
+    wide[2].pbc = (True, True, False)                                     # a slab
+    for a in wide:
+        a.positions += rng.normal(0, 0.1, a.positions.shape)
+    batch = Batch.from_atoms(wide)        # cells wide enough for shifts within ±1
+    spec, nl = neighbors.allocate(batch, 8.5, skin=0.5, method=method)
+    packed = neighbors.build(dataclasses.replace(spec, shift_dtype="packed"), batch.positions,
+                             batch.cell, batch)
+    assert packed.shifts.dtype == jnp.uint8 and not bool(packed.overflow)
+    lj = LennardJones(sigma=3.4, epsilon=0.0104, cutoff=8.5, switch_on=8.0)
+    args = (lj.pair_term, lj.cutoff, lj.pair_parameters(), None, 1, batch.positions, batch.cell, batch)
+    ref = pair_kernel.pair_sums(*args, nl, True, interpret=True)
+    got = pair_kernel.pair_sums(*args, packed, True, interpret=True)
+    xla = pair.pair_sums(lj.pair_term, lj.pair_parameters(), lj.cutoff, None, batch.positions,
+                         batch.cell, batch, packed, True)
+    assert float(jnp.max(jnp.abs(ref[1]))) > 1e-3          # forces that could differ
+    for a, b, c in zip(got, ref, xla):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)

@@ -171,7 +171,7 @@ def table_pairs(nl, batch, indices=None, shifts=None):
     tuples with local indices; checks the layout on the way. ``indices`` / ``shifts``
     replace the list's own arrays (a filtered copy)."""
     indices = np.asarray(nl.indices if indices is None else indices)
-    shifts = np.asarray(nl.shifts if shifts is None else shifts)
+    shifts = np.asarray(nl.shift_vectors if shifts is None else shifts)
     n_atoms = batch.num_atoms
     system_index = np.asarray(batch.system_index)
     atom_mask = np.asarray(batch.atom_mask)
@@ -242,7 +242,7 @@ def within_cutoff_pairs(nl, batch, positions, cell, cutoff):
     dist = np.linalg.norm(np.asarray(d, np.float64), axis=-1)
     keep = np.asarray(mask) & (dist < cutoff)
     return table_pairs(nl, batch, np.where(keep, np.asarray(nl.indices), batch.num_atoms),
-                       np.asarray(nl.shifts))
+                       np.asarray(nl.shift_vectors))
 
 
 # --------------------------------------------------------------------------- the reference
@@ -698,6 +698,52 @@ def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64):
     kept = neighbors.build(nl.spec, near, batch.cell, batch)
     assert not bool(kept.overflow) and int(np.asarray(kept.max_shift).max()) >= 119
     np.testing.assert_allclose(distances(kept, near), distances(nl, batch.positions), atol=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_shifts_build_the_int8_table(method, x64):
+    """One byte per entry for all three shift components (|n| <= 1): the same pairs,
+    shifts, needs and shift bounds as int8 storage, for wide periodic cells, a slab,
+    a wire, a tilted unwrapped slab and clusters; the packed table is a third the size."""
+    names = ["cubic", "triclinic_big", "slab", "wire_tilted", "cluster", "cluster_boxed", "slab_xz"]
+    batch = make_batch(names)
+    spec = make_spec(method, max_image_shift=1)
+    ref = BUILD(spec, batch.positions, batch.cell, batch)
+    packed = BUILD(dataclasses.replace(spec, shift_dtype="packed"), batch.positions, batch.cell, batch)
+    assert packed.shifts.dtype == jnp.uint8 and packed.shifts.shape == ref.indices.shape
+    assert not bool(packed.overflow) and int(np.asarray(ref.max_shift).max()) == 1
+    for field in ("indices", "shift_vectors", "needed", "max_shift"):
+        np.testing.assert_array_equal(np.asarray(getattr(packed, field)), np.asarray(getattr(ref, field)),
+                                      err_msg=field)
+    check_against_brute_force(packed, batch, names)
+    d_ref, _ = neighbors.pair_vectors(ref, batch.positions, batch.cell, batch)
+    d_packed, _ = neighbors.pair_vectors(packed, batch.positions, batch.cell, batch)
+    np.testing.assert_array_equal(np.asarray(d_packed), np.asarray(d_ref))
+
+
+def test_packed_shifts_overflow_and_widen_to_int8(x64):
+    """A shift of 2 cells does not fit packed storage: the list overflows, grow() switches to
+    int8 (same capacities), and the wider list is exact; allocate picks packed storage only
+    for systems whose images stay within one cell."""
+    batch = make_batch(["cubic"])
+    spec = dataclasses.replace(make_spec("all_pairs"), shift_dtype="packed")
+    assert not bool(BUILD(spec, batch.positions, batch.cell, batch).overflow)
+    far = batch.positions.at[0].add(2.0 * batch.cell[0, 0])       # the same periodic system
+    moved = BUILD(spec, far, batch.cell, batch)
+    assert bool(moved.shift_overflow) and bool(moved.overflow)
+    wider = neighbors.grow(moved)
+    assert wider.shift_dtype == "int8" and wider.max_neighbors == spec.max_neighbors
+    fixed = BUILD(wider, far, batch.cell, batch)
+    assert not bool(fixed.overflow)
+    check_against_brute_force(fixed, batch, ["cubic"], positions=[np.asarray(far)[:len(structure("cubic")[0])]],
+                              cells=[structure("cubic")[1]])
+
+
+@pytest.mark.parametrize("names, expected", [(["cubic", "slab"], "packed"), (["cubic", "tiny"], "int8")])
+def test_allocate_picks_packed_shifts_where_they_fit(names, expected, monkeypatch, x64):
+    monkeypatch.setattr(neighbors, "DEFAULT_SHIFT_DTYPE", "packed")
+    spec, nl = neighbors.allocate(make_batch(names), cutoff=CUTOFF, skin=SKIN)
+    assert spec.shift_dtype == expected and not bool(nl.overflow)
 
 
 def test_allocate_trims_the_row_width_to_what_is_needed(x64):

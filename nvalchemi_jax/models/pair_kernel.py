@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from nvalchemi_jax import _pallas
 from nvalchemi_jax.batch import Batch
-from nvalchemi_jax.neighbors import NeighborList
+from nvalchemi_jax.neighbors import PACKED_PADDING, NeighborList, unpack_shift_code
 
 # Block shape (powers of two: Triton's tiles). On an H200 (argon, K = 99) 32 x 16 with 4
 # warps was fastest, before (2026-11-28) and after (2026-11-29, whole W1/W2 runs:
@@ -87,7 +87,8 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
     n_out = 10 if stress else 4
     kernel = functools.partial(
         _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
-        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype)
+        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype,
+        packed=nl.spec.shift_dtype == "packed")
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
@@ -102,7 +103,7 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
 
 
 def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
-            num_species, term, names, is_table, rc2, n_out, dtype):
+            num_species, term, names, is_table, rc2, n_out, dtype, packed):
     from jax.experimental import pallas as pl
     param_refs, out_refs = refs[:len(names)], refs[len(names):]
     i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
@@ -121,7 +122,12 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
         j = _pallas.load(idx_ref, flat, inside, n)
         real = j < n
         j = jnp.where(real, j, 0)
-        shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype) for r in range(3)]
+        if packed:      # one byte per neighbor: base-5 digits n_a + 2 (neighbors.NeighborSpec)
+            code = _pallas.load(shift_ref, flat, inside, PACKED_PADDING).astype(jnp.int32)
+            shift = [c.astype(dtype) for c in unpack_shift_code(code)]
+        else:
+            shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype)
+                     for r in range(3)]
         lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]    # one vector load per neighbor,
         row = pos_ref[j[:, :, None] * 4 + lane]                  # its lanes split in registers
         x_j = [jnp.sum(jnp.where(lane == a, row, 0.0), axis=2) for a in range(3)]
