@@ -399,8 +399,10 @@ def _relax_nvalchemi(positions, cells, fmax, smoothing, sigma, epsilon, cutoff, 
             done = sink.read()
         elif mode == "fixed":
             fused = FusedStage([(0, fire)], hooks=[nl])
-            done = fused.run(Batch.from_data_list([make(p, c) for p, c in zip(pos, cel)],
-                                                  device=device), n_steps=max_steps + 1)
+            # Built on the host and moved once, as the NVE adapter does (not one transfer
+            # per structure).
+            data = [_nvalchemi_data(AtomicData, torch, p, c, mass=1.0) for p, c in zip(pos, cel)]
+            done = fused.run(Batch.from_data_list(data, device=device), n_steps=max_steps + 1)
         else:
             raise ValueError(mode)
         _torch_sync(device)
