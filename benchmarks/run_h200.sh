@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The committed GPU measurements, each workload bounded by a timeout so that one device
-# call (10 minutes at most) finishes: `profile` = per-kernel tables of the step and the
-# fused kernels' block shapes (~4 min), `part1` = W1 + W2 with the peers (~6 min),
-# `part2` = W3, W4, W5 and the neighbor-method profile (~5 min), `part2-peers` = W3's
-# peers (nvalchemi's fixed and inflight runs, each warmed up on its timed inputs; ~9 min),
-# `shifts-ab` = W1/W2 with packed against int8 neighbor shifts (alternating rounds). Each
-# part first checks the fused kernels against the XLA forms on this GPU and falls back to
-# the XLA forms if they disagree. Run from the repository root on the H200 after install_peers.sh; results
-# (JSON lines + logs) go to $2 (default benchmarks/results).
+# call (10 minutes at most) finishes:
+#   profile         per-kernel tables of the step and the pair kernel's block shapes (~4 min)
+#   part1           W1 + W2 with the peers (~5-6 min)
+#   part2           W3, W4, W5 and the neighbor-method profile (~5 min)
+#   part2-peers     nvalchemi's W3, fixed and inflight, each warmed up on its timed inputs,
+#                   and ASE (up to ~9 min)
+#   part2-torchsim  torch-sim's W3 (fixed batch)
+#   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
+# Each part first checks the fused kernels against the XLA forms on this GPU and falls back
+# to the XLA forms if they disagree. Run from the repository root on the H200 after
+# install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
 set -uo pipefail
-part=${1:?profile, part1 or part2}
+part=${1:?a part: profile, part1, part2, part2-peers, part2-torchsim or shifts-ab}
 out=$(realpath -m "${2:-benchmarks/results}")
 day=$(date +%F)
 mkdir -p "$out"
@@ -46,6 +49,8 @@ case $part in
       --peers nvalchemi:fixed ase --ase-count 10
     run w3_relax_peers_inflight 300 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:inflight ;;
+  part2-torchsim)   # torch-sim's fixed-batch FIRE on W3 (never run on the H200 so far)
+    run w3_relax_torchsim 280 bench_w3_relax.py --count 10000 --peers-only --peers torch-sim ;;
   shifts-ab)   # packed vs int8 shift storage, ours only, two alternating rounds, one file (~5 min)
     for round in 1 2; do
       order="int8 packed"; [ $round = 2 ] && order="packed int8"
@@ -56,5 +61,5 @@ case $part in
         rm -f "$out"/w[12]_shifts_tmp_h200_$day.jsonl
       done
     done ;;
-  *) echo "unknown part $part (profile, part1, part2, part2-peers or shifts-ab)"; exit 2 ;;
+  *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
 esac
