@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -250,35 +249,18 @@ def _frame_and_widths(cell, pbc):
 WORD = 32   # candidates per bit-mask word
 
 
-@dataclasses.dataclass(frozen=True)
-class _Candidates:
-    """A builder's candidates: per-row values, what candidates gather from, and one test
-    that both passes of :func:`_compact` run.
-
-    count: candidates per row (``m`` runs past it, to whole blocks: ``test`` rejects those).
-    rows: per-row values, name -> ``(N,)`` array.
-    tables: what candidates gather from, name -> 1-D array; ``tables["order"][k]`` is the
-        atom of candidate key ``k``.
-    test: ``test(r, take, m) -> (k, n, ok)`` for candidate numbers ``m (N, B)`` int32, with
-        ``r[name] = rows[name][:, None]`` and ``take(name, index)`` a gather from a table:
-        ``k (N, B)`` candidate keys, ``n`` three ``(N, B)`` lattice shift components,
-        ``ok (N, B)`` bool acceptance. Candidates gather from tables in their builder's
-        sorted order (a row's candidates are contiguous there) and the self-pair test
-        compares keys with the row's own rank: no gather through ``order`` in the first
-        pass (H200, 256,000 atoms: W2 7.0e8 -> 7.4e8 atom-steps/s, one round of a
-        same-call A/B).
-    """
-
-    count: int
-    rows: dict
-    tables: dict
-    test: Callable
-
-
-def _compact(spec, n_atoms, cand: _Candidates):
+def _compact(spec, n_atoms, n_candidates, candidate, order):
     """Rows of the table from a per-row candidate enumeration, without scattering.
 
-    Two passes over the candidates ``m`` of each row: (1) every candidate is tested and
+    ``candidate(m) -> (key, n, ok)`` evaluates candidates ``m (N, B)`` (int32, per row; from
+    0 up to ``n_candidates`` rounded up to whole blocks of ``block_size``, so ``ok`` must be
+    False at and past ``n_candidates``) as a key into the builder's sorted atoms
+    (``order[key]`` is the neighbor), lattice shift ``n`` (three ``(N, B)`` components:
+    arrays stacked on a last axis of 3 were materialised between kernels) and acceptance
+    ``ok (N, B)``. Candidates read positions in the sorted order (a row's candidates are
+    contiguous there) and a builder's self-pair test compares keys with the row's own rank,
+    so the first pass gathers nothing through ``order`` (H200, 256,000 atoms: W2 7.0e8 ->
+    7.4e8 atom-steps/s in one round of a same-call A/B). Two passes: (1) every candidate is tested and
     the results are packed as bits, 32 per word (a reduction XLA fuses with the test); (2)
     entry ``s`` of a row is its ``s``-th accepted candidate, found by a binary search over
     the words' running bit counts and then within the word, and evaluated again. Both
@@ -292,16 +274,14 @@ def _compact(spec, n_atoms, cand: _Candidates):
     ``|shift|`` per axis among the entries.
     """
     k = spec.max_neighbors
-    n_words = max(1, -(-cand.count // WORD))
+    n_words = max(1, -(-n_candidates // WORD))
     per_block = max(1, min(n_words, spec.block_size // WORD))
     n_blocks = -(-n_words // per_block)
     bit = jnp.arange(WORD, dtype=jnp.uint32)
-    rows = {name: v[:, None] for name, v in cand.rows.items()}
-    take = lambda name, index: cand.tables[name][index]
 
     def pack(b):
         m = (b * per_block * WORD + jnp.arange(per_block * WORD, dtype=jnp.int32))
-        _, _, ok = cand.test(rows, take, jnp.broadcast_to(m, (n_atoms, m.size)))
+        _, _, ok = candidate(jnp.broadcast_to(m, (n_atoms, m.size)))
         ok = ok.reshape(n_atoms, per_block, WORD).astype(jnp.uint32)
         return jnp.sum(ok << bit, axis=-1, dtype=jnp.uint32)       # distinct bits: sum = or
 
@@ -334,8 +314,8 @@ def _compact(spec, n_atoms, cand: _Candidates):
         rank = jnp.where(up, rank - low, rank)
         pos = jnp.where(up, pos + width, pos)
     m = jnp.where(live, w * WORD + pos.astype(jnp.int32), 0)
-    key, n, _ = cand.test(rows, take, m)
-    j = cand.tables["order"][key]
+    key, n, _ = candidate(m)
+    j = order[key]
     most = SHIFT_DTYPES[spec.shift_dtype]
     indices = jnp.where(live, j, n_atoms).astype(jnp.int32)
     shifts = _store_shifts([jnp.where(live, c, 0) for c in n], spec.shift_dtype)
@@ -384,25 +364,16 @@ def _divider(largest: int):
     return _quotient if largest < 2**21 else (lambda x, divisor, inverse: x // divisor)
 
 
-def _pair_ok(r, x_j, n, same, valid, rc2):
-    """Candidates (at ``x_j``, three components, with shifts ``n`` likewise) within the list
-    cutoff of their row's atom (``r``: its position ``x0..x2`` and its system's frame rows
-    ``F00..F22``, each ``(R, 1)``) that are not that atom itself (``same``: the same atom)."""
+def _pair_ok(x_i, x_j, frame_i, n, same, valid, rc2):
+    """Candidates (at ``x_j``, three ``(N, B)`` components, with shifts ``n`` likewise) within
+    the list cutoff of atoms at ``x_i (N, 3)`` that are not that atom itself (``same (N, B)``)."""
     d2 = 0.0
     for a in range(3):
-        d = x_j[a] - r[f"x{a}"] + sum(n[q].astype(x_j[a].dtype) * r[f"F{q}{a}"] for q in range(3))
+        d = x_j[a] - x_i[:, a, None] + sum(n[r].astype(x_i.dtype) * frame_i[:, r, a, None]
+                                         for r in range(3))
         d2 = d2 + d * d
     self_pair = same & (n[0] == 0) & (n[1] == 0) & (n[2] == 0)
     return valid & (d2 < rc2) & ~self_pair
-
-
-def _common_rows(positions, frame_i, rank):
-    """Rows every candidate test reads: the atom's position, its system's frame, and the
-    atom's place in the builder's sorted order (``rank``: its own candidate key)."""
-    rows = {f"x{a}": positions[:, a] for a in range(3)}
-    rows.update({f"F{q}{a}": frame_i[:, q, a] for q in range(3) for a in range(3)})
-    rows["rank"] = rank
-    return rows
 
 
 def _ranks(order):
@@ -464,48 +435,40 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     radix = jnp.where(flip[:, None], 1 + reach, 2 * reach + 1)
     images = radix[:, 0] * radix[:, 1] * radix[:, 2]
     candidates = count * images
+    flip_i = gather_systems(flip, sys_i, False)
+    start_i = gather_systems(start, sys_i)
+    candidates_i = jnp.where(batch.atom_mask, gather_systems(candidates, sys_i), 0)
     count_i = gather_systems(jnp.maximum(count, 1), sys_i, 1)
-    radix_i = gather_systems(radix, sys_i, 1)
     reach_i = gather_systems(reach, sys_i)
-    r12 = radix_i[:, 1] * radix_i[:, 2]
-    inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
-    rows = _common_rows(positions, frame_i, _ranks(order))
-    rows.update({f"f{a}": frac[:, a] for a in range(3)})
-    rows.update({f"periodic{a}": periodic[:, a].astype(jnp.int32) for a in range(3)})
-    rows.update({f"reach{a}": reach_i[:, a] for a in range(3)})
-    rows.update(flip=gather_systems(flip, sys_i, False).astype(jnp.int32),
-                start=gather_systems(start, sys_i),
-                candidates=jnp.where(batch.atom_mask, gather_systems(candidates, sys_i), 0),
-                per_atoms=count_i, r2=radix_i[:, 2], r12=r12, inv_atoms=inverse_of(count_i),
-                inv_r2=inverse_of(radix_i[:, 2]), inv_r12=inverse_of(r12))
+    radix_i = gather_systems(radix, sys_i, 1)
+    rank = _ranks(order)[:, None]
     # Candidates read the atoms in system order (a system's atoms are contiguous there).
-    tables = {f"sx{a}": positions[order, a] for a in range(3)}
-    tables.update({f"sf{a}": frac[order, a] for a in range(3)})
-    tables["order"] = order
+    sorted_positions, sorted_frac = positions[order], frac[order]
+    # Candidate m -> (atom, image), and the image's mixed-radix digits (one per axis).
     # Divisions as float multiplies where exact (see _quotient).
     divide = _divider(spec.max_candidates)
-    top = spec.max_candidates
+    inverse_of = lambda v: 1.0 / v.astype(jnp.float32)
+    per_atoms, r2, r12 = count_i[:, None], radix_i[:, 2:3], radix_i[:, 1:2] * radix_i[:, 2:3]
+    inverses = [inverse_of(v) for v in (per_atoms, r2, r12)]
 
-    def test(r, take, m):
+    def candidate(m):
         # (m past max_candidates: beyond the system's own candidates or an overflow; never listed)
-        valid = (m < r["candidates"]) & (m < top)
-        m = jnp.minimum(m, top)
-        # Candidates image by image, each over the system's atoms; the image's mixed-radix
-        # digits (one per axis).
-        image = divide(m, r["per_atoms"], r["inv_atoms"])
-        first = divide(image, r["r12"], r["inv_r12"])
-        rest = image - first * r["r12"]
-        second = divide(rest, r["r2"], r["inv_r2"])
-        digit = [first, second, rest - second * r["r2"]]
-        key = jnp.clip(r["start"] + m - image * r["per_atoms"], 0, n_atoms - 1)
-        n = [_image_shift(take(f"sf{a}", key) - r[f"f{a}"], digit[a], r[f"periodic{a}"] != 0,
-                          r["flip"] != 0, r[f"reach{a}"])
+        valid = (m < candidates_i[:, None]) & (m < spec.max_candidates)
+        m = jnp.minimum(m, spec.max_candidates)
+        # Candidates image by image, each over the system's atoms.
+        image = divide(m, per_atoms, inverses[0])
+        first = divide(image, r12, inverses[2])
+        rest = image - first * r12
+        second = divide(rest, r2, inverses[1])
+        digit = [first, second, rest - second * r2]
+        key = jnp.clip(start_i[:, None] + m - image * per_atoms, 0, n_atoms - 1)
+        n = [_image_shift(sorted_frac[:, a][key] - frac[:, a, None], digit[a], periodic[:, a, None],
+                          flip_i[:, None], reach_i[:, a, None])
              for a in range(3)]
-        x_j = [take(f"sx{a}", key) for a in range(3)]
-        return key, n, _pair_ok(r, x_j, n, key == r["rank"], valid, rc * rc)
+        x_j = [sorted_positions[:, a][key] for a in range(3)]
+        return key, n, _pair_ok(positions, x_j, frame_i, n, key == rank, valid, rc * rc)
 
-    cand = _Candidates(spec.max_candidates, rows, tables, test)
-    indices, shifts, total, reach = _compact(spec, n_atoms, cand)
+    indices, shifts, total, reach = _compact(spec, n_atoms, spec.max_candidates, candidate, order)
     needed = jnp.stack([jnp.max(total), jnp.max(candidates), jnp.int32(0), jnp.int32(0)])
     return indices, shifts, needed.astype(jnp.int32), reach
 
@@ -551,7 +514,6 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     keys = jnp.where(batch.atom_mask, key_of(b, nbins_i), sentinel)
     order = jnp.argsort(keys).astype(jnp.int32)
     sorted_keys = keys[order]
-    i = jnp.arange(n_atoms, dtype=jnp.int32)
 
     r = spec.max_image_shift
     stencil = jnp.asarray(list(itertools.product(range(-r, r + 1), repeat=3)), jnp.int32)
@@ -572,34 +534,25 @@ def _build_cell_list(spec, positions, batch, frame, inverse, widths):
     # a bin's atoms are contiguous). Slots are not padded to whole bit-mask words: FCC argon's
     # bins hold up to 32 atoms, so padding made 27 x 64 slots of 27 x ~40.
     per_bin = m_bin
-    width = len(stencil)
-    if n_atoms * width >= 2**31:
-        raise ValueError(f"neighbor build: {n_atoms} atoms x {width} bins is too large for int32 "
-                         f"indices; use a smaller batch")
-    rows = _common_rows(positions, frame_i, _ranks(order))
-    rows["i"] = i
-    tables = {"count": count.reshape(-1), "lo": lo.reshape(-1), "order": order}
-    tables.update({f"base{a}": base[:, :, a].reshape(-1) for a in range(3)})
-    tables.update({f"own{a}": own[order, a] for a in range(3)})
-    tables.update({f"sx{a}": positions[order, a] for a in range(3)})
+    sorted_positions, sorted_own = positions[order], own[order]
+    rank = _ranks(order)[:, None]
 
     # m // per_bin (per_bin is no power of two); candidates are tested in whole blocks, so
     # m runs up to a block past the last one.
-    divide = _divider(width * per_bin + max(spec.block_size, WORD))
-    inverse = float(np.float32(1.0 / per_bin))
+    divide = _divider(len(stencil) * per_bin + max(spec.block_size, WORD))
+    inverse = jnp.float32(1.0 / per_bin)
 
-    def test(r, take, m):
+    def candidate(m):
         bin_of = divide(m, per_bin, inverse)
-        flat = r["i"] * width + jnp.minimum(bin_of, width - 1)
-        q = m - bin_of * per_bin
-        valid = (m < width * per_bin) & (q < take("count", flat))
-        key = jnp.clip(take("lo", flat) + q, 0, n_atoms - 1)
-        n = [take(f"base{a}", flat) - take(f"own{a}", key) for a in range(3)]
-        x_j = [take(f"sx{a}", key) for a in range(3)]
-        return key, n, _pair_ok(r, x_j, n, key == r["rank"], valid, rc * rc)
+        t, q = jnp.minimum(bin_of, len(stencil) - 1), m - bin_of * per_bin
+        valid = (m < len(stencil) * per_bin) & (q < _row_take(count, t))
+        key = jnp.clip(_row_take(lo, t) + q, 0, n_atoms - 1)
+        n = [_row_take(base[:, :, a], t) - sorted_own[:, a][key] for a in range(3)]
+        x_j = [sorted_positions[:, a][key] for a in range(3)]
+        return key, n, _pair_ok(positions, x_j, frame_i, n, key == rank, valid, rc * rc)
 
-    cand = _Candidates(width * per_bin, rows, tables, test)
-    indices, shifts, total, reach = _compact(spec, n_atoms, cand)
+    indices, shifts, total, reach = _compact(spec, n_atoms, len(stencil) * per_bin, candidate,
+                                             order)
     needed = jnp.stack([jnp.max(total), jnp.int32(0), jnp.max(occupancy), need_r])
     return indices, shifts, needed.astype(jnp.int32), reach
 
