@@ -1,7 +1,8 @@
 """On this device: the neighbor tables of both builders against a brute-force search on the
 host (every pair within the list cutoff, once, by minimum image: these cells are more
 than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
-to float32 rounding), with int8 and packed shift storage. Exit status 1 if not (``run_h200.sh`` then falls back to
+to float32 rounding), with int8 and packed shift storage, and resident NVE steps
+(:mod:`nvalchemi_jax.dynamics.resident`) against the step-by-step engine. Exit status 1 if not (``run_h200.sh`` then falls back to
 ``NVALCHEMI_JAX_KERNELS=xla``, which covers the kernel only). Prints JSON lines.
 
     python benchmarks/check_kernels.py
@@ -71,6 +72,30 @@ def check(name, batch, method, shift_dtype="int8"):
             "ok": bool(err < 1e-5 and wrong == 0 and not bool(nl.overflow))}
 
 
+def check_resident(name, batch, steps):
+    """NVE steps held in one kernel program per system against the step-by-step engine
+    (float32: forces after one step to rounding; positions after ``steps`` steps, where
+    rounding differences grow, to 1e-4 Å)."""
+    from nvalchemi_jax.dynamics import NVE, resident
+    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9)
+    state = md.init(batch)
+    width = resident.plan(md, batch)
+    out = {}
+    for flag in ("1", "0"):
+        os.environ["NVALCHEMI_JAX_RESIDENT"] = flag
+        one = md.run(batch, state=state, max_steps=1, chunk_size=1).state
+        many = md.run(batch, state=state, max_steps=steps, chunk_size=steps).state
+        out[flag] = [np.asarray(x) for x in (one.forces, many.positions, many.energy)]
+    os.environ.pop("NVALCHEMI_JAX_RESIDENT")
+    (f1, x1, e1), (f0, x0, e0) = out["1"], out["0"]
+    err = float(np.abs(f1 - f0).max() / np.abs(f0).max())
+    dx = float(np.abs(x1 - x0).max())
+    de = float(np.abs(e1 - e0).max() / np.abs(e0).max())
+    return {"case": name, "method": "resident", "width": width, "steps": steps,
+            "force_max_rel_err": err, "positions_max_abs_diff": dx, "energy_max_rel_diff": de,
+            "ok": bool(width > 0 and err < 1e-5 and dx < 1e-4 and de < 1e-4)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
@@ -80,7 +105,8 @@ def main(argv=None):
             check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "cell_list"),
             check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list"),
             check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "all_pairs", "packed"),
-            check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list", "packed")]
+            check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list", "packed"),
+            check_resident("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50)]
     if before is None:
         os.environ.pop("NVALCHEMI_JAX_KERNELS")
     emit([{"benchmark": "check_kernels", **r} for r in rows], args.out)

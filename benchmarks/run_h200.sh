@@ -8,6 +8,7 @@
 #                   and ASE (up to ~9 min)
 #   part2-torchsim  torch-sim's W3 (fixed batch)
 #   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
+#   resident        W1 with resident NVE kernels (tile sweep) against the step-by-step engine
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
 # install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
@@ -60,6 +61,14 @@ case $part in
         cat "$out"/w[12]_shifts_tmp_h200_$day.jsonl >> "$out/shifts_ab_h200_$day.jsonl"
         rm -f "$out"/w[12]_shifts_tmp_h200_$day.jsonl
       done
+    done ;;
+  resident)   # W1: resident kernels (default tile, then a sweep) and the engine, ours only
+    run w1_resident 150 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peers
+    NVALCHEMI_JAX_RESIDENT=0 run w1_engine 150 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peers
+    run w1_resident_long 100 bench_w1_batched.py --batches 1 64 1024 4096 --steps 3000 --chunk 1000 --peers
+    for tile in 2048x4 4096x4 8192x8 2048x8 8192x16; do
+      run w1_resident_tile_$tile 80 bench_w1_batched.py --batches 1 1024 4096 --steps 1000 --chunk 500 \
+        --peers --resident-tile $tile
     done ;;
   *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
 esac

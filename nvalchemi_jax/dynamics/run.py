@@ -24,6 +24,7 @@ import numpy as np
 
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import status as status_codes
+from nvalchemi_jax.dynamics.resident import plan as plan_resident, steps as resident_steps
 from nvalchemi_jax.dynamics.hooks.base import HookContext
 
 
@@ -42,9 +43,10 @@ def _observers(dyn):
 CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub_radix_sort": False}
 
 
-def chunk_steps(dyn, state, batch, limit, length: int):
+def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
-    system are skipped). Each observer hook's records are written, on due steps only, into
+    system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
+    the atoms per kernel program), ``limit`` steps inside one kernel call instead. Each observer hook's records are written, on due steps only, into
     a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
     just those rows.
@@ -52,6 +54,11 @@ def chunk_steps(dyn, state, batch, limit, length: int):
     Returns ``(state, (buffers, flags))``; ``flags (3,) int32`` = (neighbor-list overflow,
     steps taken, any system still active): all the host needs, in one small fetch."""
     observers = _observers(dyn)
+    if resident:
+        state, went = resident_steps(dyn, state, batch, limit, resident)
+        flags = jnp.stack([state.neighbors.overflow.astype(jnp.int32), went,
+                           jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
+        return state, ((), flags)
 
     def empty_buffer(hook):
         rows = -(-length // hook.frequency)
@@ -106,7 +113,8 @@ def chunk_steps(dyn, state, batch, limit, length: int):
 
 # Compiled at the top level only: JAX refuses compiler options on a jit nested in another
 # (jit `chunk_steps` with the options to use it inside a larger program).
-run_chunk = jax.jit(chunk_steps, static_argnames=("length",), compiler_options=CHUNK_COMPILER_OPTIONS)
+run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident"),
+                    compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
 # One worker, so chunks launch in order and a chunk's input is ready when it starts.
@@ -161,7 +169,7 @@ class Chunk:
         return bool(overflow), went, bool(active)
 
 
-def dispatch(dyn, state, batch, limit: int, length: int, prepare=None) -> Chunk:
+def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0) -> Chunk:
     """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records to the host are queued too,
@@ -171,7 +179,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None) -> Chunk:
         start = state.state if isinstance(state, Chunk) else state
         if prepare is not None:
             start = prepare(start)
-        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length)
+        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident)
         for leaf in jax.tree.leaves((buffers, flags)):
             leaf.copy_to_host_async()
         return start, new, buffers, flags
@@ -221,11 +229,13 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     else:
         dyn.check(batch)
     observers = _observers(dyn)
+    resident = plan_resident(dyn, batch)
     bar = _Progress(max_steps, batch) if progress else None
     taken = chunks = regrows = 0
     try:
         if max_steps > 0 and bool(jnp.any(dyn.running(state, batch))):
-            current = dispatch(dyn, state, batch, min(chunk_size, max_steps), chunk_size)
+            current = dispatch(dyn, state, batch, min(chunk_size, max_steps), chunk_size,
+                               resident=resident)
         else:
             current = None
         while current is not None:
@@ -234,14 +244,15 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             # can assume this one took all of its steps.
             limit = min(chunk_size, max_steps - taken)
             ahead = max_steps - taken - limit
-            following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size) \
-                if ahead > 0 else None
+            following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size,
+                                 resident=resident) if ahead > 0 else None
             overflowed, went, active = current.settle()
             chunks += 1
             if overflowed:
                 # Drop this chunk and the one computed from it; redo from a larger list.
                 regrows += 1
-                current = dispatch(dyn, regrown(dyn, current.start, current.state, batch), batch, limit, chunk_size)
+                current = dispatch(dyn, regrown(dyn, current.start, current.state, batch), batch, limit,
+                                   chunk_size, resident=resident)
                 continue
             taken += went
             state = current.state

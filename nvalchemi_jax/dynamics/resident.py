@@ -1,0 +1,254 @@
+"""Many NVE steps of small periodic systems inside one GPU kernel ("resident" systems).
+
+A step of the general engine is some twenty small kernels (neighbor-list test, pair
+kernel, integrator, bookkeeping), each a few µs to launch however small the batch, so a
+single 256-atom crystal cannot step in under ~50 µs that way. In a periodic cell at
+least twice the cutoff wide (every perpendicular width), each pair within the cutoff is
+the nearest image of one of the n² pairs of atoms, so a system of a few hundred atoms
+fits in one kernel program with no neighbor list at all: the program holds its system,
+evaluates all pairs tile by tile (minimum image, closed-form pair forces) and integrates
+velocity Verlet for as many steps as asked, without leaving the kernel. One program
+per system; thousands of systems fill the GPU.
+
+:func:`plan` decides on the host whether a run qualifies (NVE, a pair potential, no
+hooks, a step budget as the only convergence test, fully periodic cells wide enough,
+at most ``MAX_ATOMS`` atoms per system, on a GPU); :func:`steps` then replaces a
+chunk's scan. Results equal the step-by-step engine's within float tolerance (tests).
+A system that goes non-finite inside a kernel call is marked failed and put back to
+its configuration at the start of that call (the step-by-step engine keeps its last
+finite step instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvalchemi_jax import _pallas, units
+from nvalchemi_jax.batch import Batch
+
+#: Largest system (atoms) held in one program: all-pairs work grows as n², and past a few
+#: hundred atoms the neighbor-list engine does less work per step.
+MAX_ATOMS = 512
+#: Pairs per tile of the all-pairs pass (rows = TILE_PAIRS // padded atoms), and Triton
+#: warps per program.
+TILE_PAIRS = 4096
+NUM_WARPS = 8
+#: Smallest padded system (a power of two, as Triton's tiles are).
+MIN_WIDTH = 32
+
+
+def enabled() -> bool:
+    """``NVALCHEMI_JAX_RESIDENT=0`` turns the resident path off (it also needs the fused
+    kernels, see :mod:`nvalchemi_jax._pallas`)."""
+    return os.environ.get("NVALCHEMI_JAX_RESIDENT", "1") != "0"
+
+
+def plan(dyn, batch: Batch) -> int:
+    """Host side: the padded atoms per program (a power of two) if ``dyn`` can run ``batch``
+    resident, else 0."""
+    from nvalchemi_jax.dynamics.integrators.nve import NVE
+    from nvalchemi_jax.models.pair import PairPotential
+    if not enabled() or type(dyn) is not NVE or dyn.hooks or dyn.wants_stress:
+        return 0
+    if not isinstance(dyn.model, PairPotential):
+        return 0
+    conv = dyn.convergence
+    if conv is not None and any(c.key != "step" for c in conv.criteria):
+        return 0
+    if isinstance(batch.positions, jax.core.Tracer) or not _pallas.wanted(batch.num_atoms):
+        return 0
+    mask = np.asarray(batch.system_mask)
+    if not mask.any():
+        return 0
+    n_atoms = np.asarray(batch.n_atoms)[mask]
+    if n_atoms.max() > MAX_ATOMS or not np.asarray(batch.pbc)[mask].all():
+        return 0
+    cell = np.asarray(batch.cell, np.float64)[mask]
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=-2)
+    if not (widths >= 2.0 * float(dyn.model.cutoff)).all():
+        return 0
+    return max(MIN_WIDTH, 1 << int(n_atoms.max() - 1).bit_length())
+
+
+def atom_table(batch: Batch, width: int) -> jax.Array:
+    """``(S, width) int32``: each system's atoms in order (``num_atoms`` pads the rows)."""
+    n, s = batch.num_atoms, batch.num_systems
+    order = jnp.argsort(batch.system_index, stable=True)
+    owner = batch.system_index[order]
+    first = jnp.searchsorted(owner, jnp.arange(s, dtype=owner.dtype))
+    rank = jnp.arange(n, dtype=jnp.int32) - first[jnp.minimum(owner, s - 1)]
+    table = jnp.full((s, width), n, jnp.int32)
+    return table.at[owner, rank].set(order.astype(jnp.int32), mode="drop")
+
+
+def steps(dyn, state, batch: Batch, limit, width: int):
+    """Up to ``limit`` NVE steps of every running system in one kernel call; returns
+    ``(state, steps taken)`` as the chunk's scan would."""
+    from nvalchemi_jax.models.pair import species_table, symmetric
+    start = state
+    model = dyn.model
+    active = dyn.running(state, batch)
+    conv = dyn.convergence_hook
+    count = jnp.full(active.shape, limit, jnp.int32)
+    if conv is not None:
+        # Step criteria only (plan): all of them hold from the largest threshold on.
+        budget = math.ceil(max(c.threshold for c in conv.criteria))
+        count = jnp.minimum(count, jnp.maximum(budget - state.step, 0))
+    count = jnp.where(active, count, 0)
+
+    table = atom_table(batch, width)
+    present = table < batch.num_atoms
+    at = jnp.minimum(table, batch.num_atoms - 1)
+    dtype = state.positions.dtype
+    species = species_table(model.species)
+    kind = jnp.zeros_like(table) if species is None else jnp.asarray(species)[batch.atomic_numbers[at]]
+    kind = jnp.where(present, kind, -1)
+    mobile = present & batch.atom_mask[at] & ~batch.fixed[at]
+    inv_mass = jnp.where(mobile, units.FORCE_TO_ACCELERATION / batch.masses[at], 0.0).astype(dtype)
+    planar = lambda x: jnp.where(present[..., None], x[at], 0.0).transpose(0, 2, 1).reshape(-1)
+    params = {name: symmetric(v) for name, v in model.pair_parameters().items()}
+    num_species = 1 if species is None else int(np.max(species)) + 1
+    x, v, f, energy, previous = call(
+        model.pair_term, float(model.cutoff), params, num_species, planar(state.positions),
+        planar(state.velocities), planar(state.forces), kind.reshape(-1), inv_mass.reshape(-1),
+        state.cell, state.stage.system["dt"], count, state.energy, width)
+
+    back = lambda flat, old: old.at[table.reshape(-1)].set(
+        flat.reshape(-1, 3, width).transpose(0, 2, 1).reshape(-1, 3), mode="drop")
+    moved = count > 0
+    state = state.replace(positions=back(x, state.positions), velocities=back(v, state.velocities),
+                          forces=back(f, state.forces), energy=energy,
+                          previous_energy=jnp.where(moved, previous, state.previous_energy),
+                          step=state.step + count)
+    state = dyn._mark_failures(start, state, batch, active)
+    if conv is not None:
+        converged = conv.met(state, batch) & (state.status == conv.source_status) & active
+        state = state.replace(status=jnp.where(converged, conv.target_status, state.status))
+    taken = jnp.max(count)
+    return state.replace(global_step=state.global_step + taken), taken
+
+
+def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, count, energy,
+         width, interpret=None):
+    """The kernel on planar arrays ``(S * 3 * width,)`` (system, component, atom); ``dt``
+    ``(S,)`` in fs, velocities in Å/fs, ``inv_mass`` in (Å/fs²)/(eV/Å) (0: does not move). Returns positions, velocities, forces (planar), the energy after
+    the last step and the one before it ``(S,)``."""
+    from nvalchemi_jax.models.pair_kernel import _parameter_refs
+    s = cell.shape[0]
+    dtype = x.dtype
+    names, flat, is_table = _parameter_refs(params, num_species)
+    flat = [p.astype(dtype) for p in flat]
+    cell = cell.astype(dtype)
+    inverse = jnp.linalg.inv(cell)
+    interpret = _pallas.interpreted(interpret)
+    extra = _pallas.spare(interpret)
+    rows = max(1, min(width, TILE_PAIRS // width))
+    kernel = functools.partial(_kernel, width=width, rows=rows, term=term, names=tuple(names),
+                               is_table=tuple(is_table), rc2=cutoff * cutoff,
+                               num_species=num_species, dtype=dtype, interpret=interpret)
+    planar = jax.ShapeDtypeStruct((x.shape[0] + extra,), dtype)
+    per_system = jax.ShapeDtypeStruct((s + extra,), dtype)
+    run = _pallas.call(kernel, [planar, planar, planar, per_system, per_system], s, NUM_WARPS,
+                       "resident_nve", interpret)
+    outs = run(x, v, f, kind, inv_mass, cell.reshape(-1), inverse.reshape(-1), dt.astype(dtype),
+               count, energy.astype(dtype), *flat)
+    n = x.shape[0]
+    return outs[0][:n], outs[1][:n], outs[2][:n], outs[3][:s], outs[4][:s]
+
+
+def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, count_ref, e_ref,
+            *refs, width, rows, term, names, is_table, rc2, num_species, dtype, interpret):
+    from jax.experimental import pallas as pl
+    param_refs = refs[:len(names)]
+    xo_ref, vo_ref, fo_ref, eo_ref, ep_ref = refs[len(names):]
+    system = pl.program_id(0)
+    lanes = jnp.arange(width, dtype=jnp.int32)
+    base = system * 3 * width
+    comp = lambda ref, a: ref[base + a * width + lanes]
+    kind = kind_ref[system * width + lanes]
+    present = kind >= 0
+    inv_mass = im_ref[system * width + lanes]
+    cell = [[cell_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    inverse = [[inv_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    dt = dt_ref[system]
+    scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
+    barrier = (lambda: None) if interpret else _barrier
+
+    def write(ref, a, value, atoms=None):
+        index = base + a * width + (lanes if atoms is None else atoms)
+        _pallas.store(ref, index, value, jnp.ones(index.shape, bool))
+
+    def fractional(x):
+        return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
+
+    def forces():
+        """Forces and energy at the fractional positions in ``xo_ref`` (scratch)."""
+        s_j = [comp(xo_ref, a)[None, :] for a in range(3)]
+        kind_j = kind[None, :]
+
+        def tile(t, energy):
+            atoms = t * rows + jnp.arange(rows, dtype=jnp.int32)
+            s_i = [xo_ref[base + a * width + atoms][:, None] for a in range(3)]
+            kind_i = kind_ref[system * width + atoms][:, None]
+            ds = [s_j[b] - s_i[b] for b in range(3)]
+            ds = [w - jnp.floor(w + 0.5) for w in ds]               # nearest image
+            d = [ds[0] * cell[0][a] + ds[1] * cell[1][a] + ds[2] * cell[2][a] for a in range(3)]
+            r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+            pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != lanes[None, :]) & (r2 < rc2)
+            r2 = jnp.where(pair, r2, rc2)
+            p = dict(scalars)
+            if len(scalars) < len(names):
+                index = jnp.where(pair, kind_i * num_species + kind_j, 0)
+                for name, ref, table in zip(names, param_refs, is_table):
+                    if table:
+                        p[name] = ref[index]
+            phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
+            phi = jnp.where(pair, phi, 0.0)
+            dphi = jnp.where(pair, 2.0 * dphi, 0.0)
+            mobile = im_ref[system * width + atoms] > 0
+            for a in range(3):
+                write(fo_ref, a, jnp.where(mobile, jnp.sum(dphi * d[a], axis=1), 0.0), atoms)
+            return energy + 0.5 * jnp.sum(phi)
+
+        energy = jax.lax.fori_loop(0, width // rows, tile, jnp.zeros((), dtype))
+        barrier()
+        return [comp(fo_ref, a) for a in range(3)], energy
+
+    def step(_, carry):
+        x, v, f, energy, previous = carry
+        v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
+        x = [x[a] + dt * v[a] for a in range(3)]
+        frac = fractional(x)
+        for a in range(3):
+            write(xo_ref, a, frac[a])
+        barrier()
+        f, new = forces()
+        v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
+        return x, v, f, new, energy
+
+    x = [comp(x_ref, a) for a in range(3)]
+    v = [comp(v_ref, a) for a in range(3)]
+    f = [comp(f_ref, a) for a in range(3)]
+    for a in range(3):
+        write(fo_ref, a, f[a])
+    energy = e_ref[system]
+    x, v, f, energy, previous = jax.lax.fori_loop(0, count_ref[system], step,
+                                                  (x, v, f, energy, energy))
+    for a in range(3):
+        write(xo_ref, a, jnp.where(present, x[a], 0.0))
+        write(vo_ref, a, v[a])
+    del f
+    eo_ref[system] = energy
+    ep_ref[system] = previous
+
+
+def _barrier():
+    """All threads of the program reach this point, and their memory writes are visible."""
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.debug_barrier()
