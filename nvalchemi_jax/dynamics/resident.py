@@ -154,7 +154,7 @@ def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, c
                                num_species=num_species, dtype=dtype, interpret=interpret)
     planar = jax.ShapeDtypeStruct((x.shape[0] + extra,), dtype)
     per_system = jax.ShapeDtypeStruct((s + extra,), dtype)
-    run = _pallas.call(kernel, [planar, planar, planar, per_system, per_system], s, NUM_WARPS,
+    run = _pallas.call(kernel, [planar, planar, planar, per_system, per_system, planar], s, NUM_WARPS,
                        "resident_nve", interpret)
     outs = run(x, v, f, kind, inv_mass, cell.reshape(-1), inverse.reshape(-1), dt.astype(dtype),
                count, energy.astype(dtype), *flat)
@@ -166,7 +166,7 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
             *refs, width, rows, term, names, is_table, rc2, num_species, dtype, interpret):
     from jax.experimental import pallas as pl
     param_refs = refs[:len(names)]
-    xo_ref, vo_ref, fo_ref, eo_ref, ep_ref = refs[len(names):]
+    xo_ref, vo_ref, fo_ref, eo_ref, ep_ref, so_ref = refs[len(names):]
     system = pl.program_id(0)
     lanes = jnp.arange(width, dtype=jnp.int32)
     base = system * 3 * width
@@ -188,17 +188,23 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
         return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
 
     def forces():
-        """Forces and energy at the fractional positions in ``xo_ref`` (scratch)."""
-        s_j = [comp(xo_ref, a)[None, :] for a in range(3)]
+        """Forces and energy at the positions in ``xo_ref`` (Cartesian) and ``so_ref``
+        (fractional), the scratch the step writes."""
+        x_j = [comp(xo_ref, a)[None, :] for a in range(3)]
+        s_j = [comp(so_ref, a)[None, :] for a in range(3)]
         kind_j = kind[None, :]
 
         def tile(t, energy):
             atoms = t * rows + jnp.arange(rows, dtype=jnp.int32)
-            s_i = [xo_ref[base + a * width + atoms][:, None] for a in range(3)]
+            x_i = [xo_ref[base + a * width + atoms][:, None] for a in range(3)]
+            s_i = [so_ref[base + a * width + atoms][:, None] for a in range(3)]
             kind_i = kind_ref[system * width + atoms][:, None]
-            ds = [s_j[b] - s_i[b] for b in range(3)]
-            ds = [w - jnp.floor(w + 0.5) for w in ds]               # nearest image
-            d = [ds[0] * cell[0][a] + ds[1] * cell[1][a] + ds[2] * cell[2][a] for a in range(3)]
+            # The nearest image from fractional separations, the vector from Cartesian ones
+            # (as the neighbor-list kernel forms it: x_j - x_i + n·cell, to float32 rounding of
+            # the positions rather than of a lattice-scaled fraction).
+            n = [jnp.floor(s_j[b] - s_i[b] + 0.5) for b in range(3)]
+            d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
+                 for a in range(3)]
             r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
             pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != lanes[None, :]) & (r2 < rc2)
             r2 = jnp.where(pair, r2, rc2)
@@ -226,7 +232,8 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
         x = [x[a] + dt * v[a] for a in range(3)]
         frac = fractional(x)
         for a in range(3):
-            write(xo_ref, a, frac[a])
+            write(xo_ref, a, x[a])
+            write(so_ref, a, frac[a])
         barrier()
         f, new = forces()
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
