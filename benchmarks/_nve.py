@@ -57,7 +57,7 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
             "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
-            "resident_tile": f"{resident.TILE_PAIRS}x{resident.NUM_WARPS}",
+            "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
@@ -92,8 +92,8 @@ def add_arguments(parser):
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--shifts", choices=("int8", "packed"), default=None,
                         help="our neighbor lists' shift storage (default: the library's)")
-    parser.add_argument("--resident-tile", default=None, metavar="PAIRSxWARPS",
-                        help="resident NVE kernel's tile (pairs) and warps (default: the library's)")
+    parser.add_argument("--resident-tile", default=None, metavar="ROWSxCOLSxWARPS",
+                        help="resident NVE kernel's tile and warps (default: the library's)")
     parser.add_argument("--out", default=None)
 
 
@@ -104,4 +104,4 @@ def configure(args):
         neighbors.DEFAULT_SHIFT_DTYPE = args.shifts
     if args.resident_tile is not None:
         from nvalchemi_jax.dynamics import resident
-        resident.TILE_PAIRS, resident.NUM_WARPS = (int(v) for v in args.resident_tile.split("x"))
+        resident.ROWS, resident.COLS, resident.NUM_WARPS = (int(v) for v in args.resident_tile.split("x"))

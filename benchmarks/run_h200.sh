@@ -8,7 +8,9 @@
 #                   and ASE (up to ~9 min)
 #   part2-torchsim  torch-sim's W3 (fixed batch)
 #   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
-#   resident        W1 with resident NVE kernels (tile sweep) against the step-by-step engine
+#   resident        W1 with resident NVE kernels (jax-md alongside), and their tile sweep
+#   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
+# Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
 # install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
@@ -36,6 +38,7 @@ case $? in
   *) echo "fused kernels failed their check (see $kernels.log): XLA forms for this part"
      export NVALCHEMI_JAX_KERNELS=xla ;;
 esac
+for part in ${part//,/ }; do   # parts may be joined with commas: one kernel check for all
 case $part in
   profile)
     run profile_step 230 profile_step.py --batches 1 1024 --big 32000 256000 --skin 1.0 \
@@ -66,15 +69,20 @@ case $part in
         rm -f "$out"/w[12]_shifts_tmp_h200_$day.jsonl
       done
     done ;;
-  resident)   # W1: resident kernels (with jax-md if installed), the engine, a tile sweep; ours only
-    run w1_resident 200 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50 --peers jax-md
-    NVALCHEMI_JAX_RESIDENT=0 run w1_engine 150 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peers
-    run w1_resident_long 100 bench_w1_batched.py --batches 1 64 1024 4096 --steps 3000 --chunk 1000 --peers
-    for tile in 2048x4 4096x4 8192x8 2048x8 8192x16 4096x16; do
-      run w1_tile_tmp 80 bench_w1_batched.py --batches 1 1024 4096 --steps 1000 --chunk 500 \
+  resident)   # W1: resident kernels (with jax-md if installed), then a tile sweep; ours only
+    run w1_resident 150 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50 --peers jax-md
+    for tile in 64x16x4 128x16x8 256x16x8 64x32x4; do
+      run w1_tile_tmp 35 bench_w1_batched.py --batches 1 1024 4096 --steps 1000 --chunk 500 \
         --peers --resident-tile $tile
       cat "$out/w1_tile_tmp_h200_$day.jsonl" >> "$out/w1_resident_tiles_h200_$day.jsonl"
       rm -f "$out/w1_tile_tmp_h200_$day.jsonl"
     done ;;
+  shifts-w2)   # packed vs int8 shift storage, W2 only, two alternating rounds, one file
+    for shifts in int8 packed packed int8; do
+      run w2_shifts_tmp 60 bench_w2_single.py --atoms 32000 256000 --steps 300 --peers --shifts $shifts
+      cat "$out/w2_shifts_tmp_h200_$day.jsonl" >> "$out/w2_shifts_ab_h200_$day.jsonl"
+      rm -f "$out/w2_shifts_tmp_h200_$day.jsonl"
+    done ;;
   *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
 esac
+done

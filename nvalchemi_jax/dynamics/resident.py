@@ -35,10 +35,11 @@ from nvalchemi_jax.batch import Batch
 #: Largest system (atoms) held in one program: all-pairs work grows as n², and past a few
 #: hundred atoms the neighbor-list engine does less work per step.
 MAX_ATOMS = 512
-#: Pairs per tile of the all-pairs pass (rows = TILE_PAIRS // padded atoms), and Triton
-#: warps per program.
-TILE_PAIRS = 4096
-NUM_WARPS = 8
+#: The all-pairs pass takes ROWS atoms at a time (fewer in smaller systems) and walks
+#: their partners COLS at a time; Triton warps per program.
+ROWS = 128
+COLS = 16
+NUM_WARPS = 4
 #: Smallest padded system (a power of two, as Triton's tiles are).
 MIN_WIDTH = 32
 
@@ -148,8 +149,8 @@ def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, c
     inverse = jnp.linalg.inv(cell)
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)
-    rows = max(1, min(width, TILE_PAIRS // width))
-    kernel = functools.partial(_kernel, width=width, rows=rows, term=term, names=tuple(names),
+    kernel = functools.partial(_kernel, width=width, rows=min(ROWS, width),
+                               cols=min(COLS, width), term=term, names=tuple(names),
                                is_table=tuple(is_table), rc2=cutoff * cutoff,
                                num_species=num_species, dtype=dtype, interpret=interpret)
     planar = jax.ShapeDtypeStruct((x.shape[0] + extra,), dtype)
@@ -163,7 +164,7 @@ def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, c
 
 
 def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, count_ref, e_ref,
-            *refs, width, rows, term, names, is_table, rc2, num_species, dtype, interpret):
+            *refs, width, rows, cols, term, names, is_table, rc2, num_species, dtype, interpret):
     from jax.experimental import pallas as pl
     param_refs = refs[:len(names)]
     xo_ref, vo_ref, fo_ref, eo_ref, ep_ref, so_ref = refs[len(names):]
@@ -189,42 +190,52 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
 
     def forces():
         """Forces and energy at the positions in ``xo_ref`` (Cartesian) and ``so_ref``
-        (fractional), the scratch the step writes."""
-        x_j = [comp(xo_ref, a)[None, :] for a in range(3)]
-        s_j = [comp(so_ref, a)[None, :] for a in range(3)]
-        kind_j = kind[None, :]
+        (fractional), the scratch the step writes: ``rows`` atoms at a time, their partners
+        ``cols`` at a time, each lane accumulating its own column (one row sum per tile,
+        not one cross-thread reduction per block)."""
 
         def tile(t, energy):
             atoms = t * rows + jnp.arange(rows, dtype=jnp.int32)
             x_i = [xo_ref[base + a * width + atoms][:, None] for a in range(3)]
             s_i = [so_ref[base + a * width + atoms][:, None] for a in range(3)]
             kind_i = kind_ref[system * width + atoms][:, None]
-            # The nearest image from fractional separations, the vector from Cartesian ones
-            # (as the neighbor-list kernel forms it: x_j - x_i + n·cell, to float32 rounding of
-            # the positions rather than of a lattice-scaled fraction).
-            n = [jnp.floor(s_j[b] - s_i[b] + 0.5) for b in range(3)]
-            d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
-                 for a in range(3)]
-            r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-            pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != lanes[None, :]) & (r2 < rc2)
-            r2 = jnp.where(pair, r2, rc2)
-            p = dict(scalars)
-            if len(scalars) < len(names):
-                index = jnp.where(pair, kind_i * num_species + kind_j, 0)
-                for name, ref, table in zip(names, param_refs, is_table):
-                    if table:
-                        p[name] = ref[index]
-            phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
-            phi = jnp.where(pair, phi, 0.0)
-            dphi = jnp.where(pair, 2.0 * dphi, 0.0)
+
+            def block(b, acc):
+                partners = b * cols + jnp.arange(cols, dtype=jnp.int32)
+                x_j = [xo_ref[base + a * width + partners][None, :] for a in range(3)]
+                s_j = [so_ref[base + a * width + partners][None, :] for a in range(3)]
+                kind_j = kind_ref[system * width + partners][None, :]
+                # The nearest image from fractional separations, the vector from Cartesian
+                # ones (x_j - x_i - n·cell, as the neighbor-list kernel forms it: rounding of
+                # the positions, not of a lattice-scaled fraction, ~1e-5 of the force).
+                n = [jnp.floor(s_j[c] - s_i[c] + 0.5) for c in range(3)]
+                d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
+                     for a in range(3)]
+                r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+                pair = ((kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != partners[None, :])
+                        & (r2 < rc2))
+                r2 = jnp.where(pair, r2, rc2)
+                p = dict(scalars)
+                if len(scalars) < len(names):
+                    index = jnp.where(pair, kind_i * num_species + kind_j, 0)
+                    for name, ref, table in zip(names, param_refs, is_table):
+                        if table:
+                            p[name] = ref[index]
+                phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
+                dphi = jnp.where(pair, dphi, 0.0)
+                return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(
+                    acc[1 + a] + dphi * d[a] for a in range(3))
+
+            zero = jnp.zeros((rows, cols), dtype)
+            acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
             mobile = im_ref[system * width + atoms] > 0
             for a in range(3):
-                write(fo_ref, a, jnp.where(mobile, jnp.sum(dphi * d[a], axis=1), 0.0), atoms)
-            return energy + 0.5 * jnp.sum(phi)
+                write(fo_ref, a, jnp.where(mobile, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0), atoms)
+            return energy + acc[0]
 
-        energy = jax.lax.fori_loop(0, width // rows, tile, jnp.zeros((), dtype))
+        energy = jax.lax.fori_loop(0, width // rows, tile, jnp.zeros((rows, cols), dtype))
         barrier()
-        return [comp(fo_ref, a) for a in range(3)], energy
+        return [comp(fo_ref, a) for a in range(3)], 0.5 * jnp.sum(energy)
 
     def step(_, carry):
         x, v, f, energy, previous = carry
