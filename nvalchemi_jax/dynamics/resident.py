@@ -32,14 +32,19 @@ import numpy as np
 from nvalchemi_jax import _pallas, units
 from nvalchemi_jax.batch import Batch
 
-#: Largest system (atoms) held in one program: all-pairs work grows as n², and past a few
-#: hundred atoms the neighbor-list engine does less work per step.
-MAX_ATOMS = 512
+#: Largest system (atoms) held in one program: all-pairs work grows as n². At 256 atoms
+#: (argon, cutoff 8.5 Å) it does 2.6x the pair terms of a neighbor list and still runs
+#: 1.1x the engine's speed at B >= 1,024 and 1.7x at B = 1 on an H200 (2026-11-29,
+#: results/w1_resident_*); larger systems were not measured and stay with the engine.
+MAX_ATOMS = 256
 #: The all-pairs pass takes ROWS atoms at a time (fewer in smaller systems) and walks
-#: their partners COLS at a time; Triton warps per program.
+#: their partners COLS at a time; Triton warps per program. H200, W1 at B = 1, 1,024 and
+#: 4,096 (results/w1_resident_tiles_h200_2026-11-29.jsonl): 128 x 16 x 8 and 64 x 16 x 4
+#: led (1.12-1.15e9 atom-steps/s at B >= 1,024); 8 warps were faster at B = 1 (6.9e6 vs
+#: 5.6e6); 256 x 16 x 8, 64 x 32 x 4 and 128 x 16 x 4 were 15-25 % slower.
 ROWS = 128
 COLS = 16
-NUM_WARPS = 4
+NUM_WARPS = 8
 #: Smallest padded system (a power of two, as Triton's tiles are).
 MIN_WIDTH = 32
 
