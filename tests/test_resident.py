@@ -1,0 +1,149 @@
+"""Resident NVE (many steps of small periodic systems in one kernel program each): against
+ASE's VelocityVerlet, against the step-by-step engine on mixed batches, failure
+isolation, and which runs qualify. Off a GPU the kernel runs in Pallas' interpreter
+(``NVALCHEMI_JAX_KERNELS=pallas``)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import units as ase_units
+from ase.calculators.lj import LennardJones as AseLJ
+from ase.md.verlet import VelocityVerlet
+
+import nvalchemi_jax as nj
+from nvalchemi_jax.datasets import fcc_crystal
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, resident
+from nvalchemi_jax.dynamics import status as status_codes
+from nvalchemi_jax.dynamics.hooks import LoggingHook
+from nvalchemi_jax.models import LennardJones
+
+from _helpers import ARGON, argon_batch
+
+SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells are 10.5 Å wide
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+    monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT", raising=False)
+    return monkeypatch
+
+
+def mixed_batch(temperature=60.0):
+    """Three crystals of 32, 48 and 108 atoms, every fifth atom krypton, atom 3 fixed."""
+    rng = np.random.default_rng(1)
+    positions, cells, numbers, fixed = [], [], [], []
+    for r in [(2, 2, 2), (2, 2, 3), (3, 3, 3)]:
+        p, c = fcc_crystal(r)
+        positions.append(p + rng.normal(0, 0.05, p.shape))
+        cells.append(c)
+        z = np.full(len(p), 18)
+        z[::5] = 36
+        numbers.append(z)
+        pin = np.zeros(len(p), bool)
+        pin[3] = True
+        fixed.append(pin)
+    batch = nj.Batch.from_arrays(positions=positions, atomic_numbers=numbers, cell=cells,
+                                 pbc=[True] * 3, fixed=fixed, sample_ids=[4, 5, 6])
+    import jax
+    from nvalchemi_jax.dynamics import maxwell_boltzmann
+    return batch.replace(velocities=maxwell_boltzmann(batch, temperature, jax.random.key(2)))
+
+
+def run_both(kernels, md, batch, state=None, **kwargs):
+    """The same run resident and step by step."""
+    runs = {}
+    for flag in ("1", "0"):
+        kernels.setenv("NVALCHEMI_JAX_RESIDENT", flag)
+        runs[flag] = md.run(batch, state=state, **kwargs)
+    return runs["1"], runs["0"]
+
+
+def test_matches_ase_velocity_verlet(x64, kernels):
+    """256 argon atoms (a 21 Å cell, cutoff 8.5 Å), 60 steps of 5 fs in one kernel call per
+    chunk: positions agree with ASE driving its own LJ to 1e-6 Å."""
+    batch = argon_batch(repeats=[(4, 4, 4)], temperature=40.0)
+    md = NVE(model=LennardJones(**ARGON, shift=True), dt=5.0, n_steps=60)
+    assert resident.plan(md, batch) == 256
+    ours = md.run(batch, chunk_size=40).state
+    atoms = batch.to_atoms()[0]
+    atoms.calc = AseLJ(sigma=ARGON["sigma"], epsilon=ARGON["epsilon"], rc=ARGON["cutoff"], smooth=False)
+    VelocityVerlet(atoms, timestep=5.0 * ase_units.fs).run(60)
+    n = len(atoms)
+    assert np.abs(np.asarray(ours.positions[:n]) - atoms.positions).max() < 1e-6
+    np.testing.assert_allclose(np.asarray(ours.velocities[:n]) / ase_units.fs, atoms.get_velocities(),
+                               atol=1e-8)
+    np.testing.assert_allclose(float(ours.energy[0]), atoms.get_potential_energy(), rtol=1e-9)
+
+
+def test_matches_engine_on_a_mixed_batch(x64, kernels):
+    """Sizes 32 / 48 / 108 (padded to 128), two species from tables, a fixed atom, ASE's
+    smooth cutoff, and a step budget (25) that ends inside a chunk: every field of the
+    state equals the step-by-step engine's (itself checked against ASE in test_nve)."""
+    batch = mixed_batch()
+    model = LennardJones.mixed(species=(18, 36), sigma=(3.40, 3.65), epsilon=(0.0104, 0.0140),
+                               cutoff=5.0, switch_on=4.5)
+    md = NVE(model=model, dt=4.0, n_steps=25)
+    assert resident.plan(md, batch) == 128
+    fast, slow = run_both(kernels, md, batch, chunk_size=10)
+    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
+        np.testing.assert_allclose(np.asarray(getattr(fast.state, name)),
+                                   np.asarray(getattr(slow.state, name)), rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+    for name in ("step", "status", "global_step"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast.state, name)),
+                                      np.asarray(getattr(slow.state, name)), err_msg=name)
+    assert fast.steps == slow.steps == 25 and fast.converged[:3].all()
+    pinned = np.flatnonzero(np.asarray(batch.fixed))
+    np.testing.assert_array_equal(np.asarray(fast.state.positions)[pinned],
+                                  np.asarray(batch.positions)[pinned])
+
+
+def test_a_failing_system_leaves_the_others(x64, kernels):
+    """A non-finite velocity in system 1 fails it (named reason, reset to the chunk's start);
+    systems 0 and 2 run on exactly as the engine runs them."""
+    batch = mixed_batch()
+    model = LennardJones(**SHORT, shift=True, species=None)
+    md = NVE(model=model, dt=4.0, n_steps=12)
+    batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
+    state = md.init(batch)
+    bad = int(np.flatnonzero(np.asarray(batch.system_index) == 1)[5])
+    state = state.replace(velocities=state.velocities.at[bad, 0].set(jnp.nan))
+    fast, slow = run_both(kernels, md, batch, state=state, chunk_size=12)
+    assert fast.failed[:3].tolist() == [False, True, False] == slow.failed[:3].tolist()
+    assert "non-finite" in fast.failures[1]
+    # A NaN velocity makes the position, then the forces, NaN; forces are named first.
+    assert int(fast.state.failure[1]) == int(status_codes.Failure.NONFINITE_FORCES)
+    assert int(slow.state.failure[1]) == int(status_codes.Failure.NONFINITE_FORCES)
+    keep = np.asarray(batch.system_index) != 1
+    keep &= np.asarray(batch.atom_mask)
+    np.testing.assert_allclose(np.asarray(fast.state.positions)[keep],
+                               np.asarray(slow.state.positions)[keep], rtol=1e-9, atol=1e-12)
+    assert fast.converged[[0, 2]].all()
+
+
+def test_which_runs_qualify(kernels):
+    batch = argon_batch(repeats=[(2, 2, 2), (3, 3, 3)])
+    model = LennardJones(**SHORT, shift=True)
+    assert resident.plan(NVE(model=model, dt=2.0, n_steps=10), batch) == 128
+    assert resident.plan(NVE(model=model, dt=2.0), batch) == 128           # no budget
+    budget = ConvergenceHook((Criterion("step", 10),))
+    assert resident.plan(NVE(model=model, dt=2.0, convergence=budget), batch) == 128
+    fmax = ConvergenceHook((Criterion("fmax", 0.1),))
+    refused = [
+        NVE(model=model, dt=2.0, convergence=fmax),                             # not a budget
+        NVE(model=model, dt=2.0, n_steps=10, hooks=(LoggingHook(frequency=5),)),  # hooks
+        NVTLangevin(model=model, dt=2.0, temperature=50.0, friction=0.01, n_steps=10),
+        NVE(model=LennardJones(**ARGON, shift=True), dt=2.0, n_steps=10),      # cells < 2 cutoffs
+    ]
+    for md in refused:
+        assert resident.plan(md, batch) == 0, md
+    md = NVE(model=model, dt=2.0, n_steps=10)
+    assert resident.plan(md, argon_batch(repeats=[(2, 2, 2), (4, 4, 4), (4, 4, 5)])) == 0  # 320 atoms
+    open_batch = batch.replace(pbc=batch.pbc.at[1, 2].set(False))
+    assert resident.plan(md, open_batch) == 0
+    kernels.setenv("NVALCHEMI_JAX_RESIDENT", "0")
+    assert resident.plan(md, batch) == 0
+    kernels.setenv("NVALCHEMI_JAX_RESIDENT", "1")
+    kernels.setenv("NVALCHEMI_JAX_KERNELS", "auto")     # auto: the kernels only on a GPU
+    assert resident.plan(md, batch) == (128 if resident._pallas.on_gpu() else 0)
