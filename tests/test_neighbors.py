@@ -676,10 +676,11 @@ def test_spec_validation():
     assert hash(spec) == hash(neighbors.NeighborSpec(cutoff=2.0, skin=0.25))
 
 
-def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64):
-    """Shifts are stored in one byte each; an atom unwrapped 127 or more cells away
-    makes the list overflow, and growing it switches to int32 shifts that give the same
-    pair distances as the wrapped system."""
+def test_shifts_are_int8_and_far_unwrapped_atoms_widen_them(x64, monkeypatch):
+    """With int8 storage, shifts are stored in one byte each; an atom unwrapped 127 or
+    more cells away makes the list overflow, and growing it switches to int32 shifts that
+    give the same pair distances as the wrapped system."""
+    monkeypatch.setattr(neighbors, "DEFAULT_SHIFT_DTYPE", "int8")
     batch = make_batch(["cubic"])
     _, nl = neighbors.allocate(batch, cutoff=CUTOFF)
     assert nl.shifts.dtype == jnp.int8 and not bool(nl.overflow)
@@ -740,8 +741,8 @@ def test_packed_shifts_overflow_and_widen_to_int8(x64):
 
 
 @pytest.mark.parametrize("names, expected", [(["cubic", "slab"], "packed"), (["cubic", "tiny"], "int8")])
-def test_allocate_picks_packed_shifts_where_they_fit(names, expected, monkeypatch, x64):
-    monkeypatch.setattr(neighbors, "DEFAULT_SHIFT_DTYPE", "packed")
+def test_allocate_picks_packed_shifts_where_they_fit(names, expected, x64):
+    """Packed storage is the default wherever every image is within one cell."""
     spec, nl = neighbors.allocate(make_batch(names), cutoff=CUTOFF, skin=SKIN)
     assert spec.shift_dtype == expected and not bool(nl.overflow)
 
