@@ -142,9 +142,10 @@ def steps(dyn, state, batch: Batch, limit, width: int):
 
 def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, count, energy,
          width, interpret=None):
-    """The kernel on planar arrays ``(S * 3 * width,)`` (system, component, atom); ``dt``
-    ``(S,)`` in fs, velocities in Å/fs, ``inv_mass`` in (Å/fs²)/(eV/Å) (0: does not move). Returns positions, velocities, forces (planar), the energy after
-    the last step and the one before it ``(S,)``."""
+    """The kernel on planar arrays ``(S * 3 * width,)`` (system, component, atom): ``dt``
+    ``(S,)`` in fs, velocities in Å/fs, ``inv_mass`` in (Å/fs²)/(eV/Å) (0: does not move),
+    ``count (S,)`` steps per system. Returns positions, velocities, forces (planar), and
+    ``(S,)`` the energy after the last step and the one before it."""
     from nvalchemi_jax.models.pair_kernel import _parameter_refs
     s = cell.shape[0]
     dtype = x.dtype
