@@ -82,13 +82,16 @@ def check_resident(name, batch, steps):
     md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9)
     state = md.init(batch)
     width = resident.plan(md, batch)
-    out = {}
+    out, before = {}, os.environ.get("NVALCHEMI_JAX_RESIDENT")
     for flag in ("1", "0"):
         os.environ["NVALCHEMI_JAX_RESIDENT"] = flag
         one = md.run(batch, state=state, max_steps=1, chunk_size=1).state
         many = md.run(batch, state=state, max_steps=steps, chunk_size=steps).state
         out[flag] = [np.asarray(x) for x in (one.forces, many.positions, many.energy)]
-    os.environ.pop("NVALCHEMI_JAX_RESIDENT")
+    if before is None:
+        os.environ.pop("NVALCHEMI_JAX_RESIDENT")
+    else:
+        os.environ["NVALCHEMI_JAX_RESIDENT"] = before
     (f1, x1, e1), (f0, x0, e0) = out["1"], out["0"]
     err = float(np.abs(f1 - f0).max() / np.abs(f0).max())
     dx = float(np.abs(x1 - x0).max())

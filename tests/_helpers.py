@@ -30,6 +30,18 @@ def argon_batch(repeats=((2, 2, 2),), rattle=0.05, seed=0, sample_ids=None, temp
     return batch
 
 
+def ase_velocity_verlet(batch, steps, dt=5.0, **lj):
+    """The first system of ``batch`` run by ASE's VelocityVerlet (``dt`` fs) under ASE's own
+    Lennard-Jones (``lj``: sigma, epsilon, rc, smooth, ...); returns the ASE ``Atoms``."""
+    from ase import units
+    from ase.calculators.lj import LennardJones
+    from ase.md.verlet import VelocityVerlet
+    atoms = batch.to_atoms()[0]
+    atoms.calc = LennardJones(**lj)
+    VelocityVerlet(atoms, timestep=dt * units.fs).run(steps)
+    return atoms
+
+
 @contextlib.contextmanager
 def count_compilations():
     """Counts XLA backend compilations inside the block: ``with count_compilations() as n: ...; n[0]``."""

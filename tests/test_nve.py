@@ -4,13 +4,11 @@ import jax
 import numpy as np
 import pytest
 from ase import units as ase_units
-from ase.calculators.lj import LennardJones as AseLJ
-from ase.md.verlet import VelocityVerlet
 
 from nvalchemi_jax.dynamics import NVE, kinetic_energy, maxwell_boltzmann, temperature
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch
+from _helpers import ARGON, argon_batch, ase_velocity_verlet
 
 
 def test_matches_ase_velocity_verlet(x64):
@@ -18,9 +16,8 @@ def test_matches_ase_velocity_verlet(x64):
     batch = argon_batch(repeats=[(3, 3, 3)], temperature=40.0)
     md = NVE(model=LennardJones(**ARGON, shift=True), dt=5.0, n_steps=100)
     ours = md.run(batch).state
-    atoms = batch.to_atoms()[0]
-    atoms.calc = AseLJ(sigma=ARGON["sigma"], epsilon=ARGON["epsilon"], rc=ARGON["cutoff"], smooth=False)
-    VelocityVerlet(atoms, timestep=5.0 * ase_units.fs).run(100)
+    atoms = ase_velocity_verlet(batch, 100, sigma=ARGON["sigma"], epsilon=ARGON["epsilon"],
+                                rc=ARGON["cutoff"], smooth=False)
     n = len(atoms)
     assert np.abs(np.asarray(ours.positions[:n]) - atoms.positions).max() < 1e-6
     np.testing.assert_allclose(np.asarray(ours.velocities[:n]) / ase_units.fs, atoms.get_velocities(),

@@ -3,21 +3,20 @@ ASE's VelocityVerlet, against the step-by-step engine on mixed batches, failure
 isolation, and which runs qualify. Off a GPU the kernel runs in Pallas' interpreter
 (``NVALCHEMI_JAX_KERNELS=pallas``)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase import units as ase_units
-from ase.calculators.lj import LennardJones as AseLJ
-from ase.md.verlet import VelocityVerlet
 
 import nvalchemi_jax as nj
 from nvalchemi_jax.datasets import fcc_crystal
-from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, resident
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, maxwell_boltzmann, resident
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch
+from _helpers import ARGON, argon_batch, ase_velocity_verlet
 
 SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells are 10.5 Å wide
 
@@ -45,8 +44,6 @@ def mixed_batch(temperature=60.0):
         fixed.append(pin)
     batch = nj.Batch.from_arrays(positions=positions, atomic_numbers=numbers, cell=cells,
                                  pbc=[True] * 3, fixed=fixed, sample_ids=[4, 5, 6])
-    import jax
-    from nvalchemi_jax.dynamics import maxwell_boltzmann
     return batch.replace(velocities=maxwell_boltzmann(batch, temperature, jax.random.key(2)))
 
 
@@ -66,9 +63,8 @@ def test_matches_ase_velocity_verlet(x64, kernels):
     md = NVE(model=LennardJones(**ARGON, shift=True), dt=5.0, n_steps=60)
     assert resident.plan(md, batch) == 256
     ours = md.run(batch, chunk_size=40).state
-    atoms = batch.to_atoms()[0]
-    atoms.calc = AseLJ(sigma=ARGON["sigma"], epsilon=ARGON["epsilon"], rc=ARGON["cutoff"], smooth=False)
-    VelocityVerlet(atoms, timestep=5.0 * ase_units.fs).run(60)
+    atoms = ase_velocity_verlet(batch, 60, sigma=ARGON["sigma"], epsilon=ARGON["epsilon"],
+                                rc=ARGON["cutoff"], smooth=False)
     n = len(atoms)
     assert np.abs(np.asarray(ours.positions[:n]) - atoms.positions).max() < 1e-6
     np.testing.assert_allclose(np.asarray(ours.velocities[:n]) / ase_units.fs, atoms.get_velocities(),

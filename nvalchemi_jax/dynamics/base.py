@@ -332,6 +332,15 @@ class Dynamics:
                                global_step=state.global_step)
         return blend_systems(failed, frozen, state, batch)
 
+    def _converge(self, state: State, batch: Batch, active: jax.Array) -> tuple[State, jax.Array]:
+        """Active systems that meet the convergence test move to its target status;
+        returns the state and ``(S,) bool`` of the systems that moved."""
+        conv = self.convergence_hook
+        if conv is None:
+            return state, jnp.zeros_like(active)
+        converged = conv.met(state, batch) & (state.status == conv.source_status) & active
+        return state.replace(status=jnp.where(converged, conv.target_status, state.status)), converged
+
     def running(self, state: State, batch: Batch) -> jax.Array:
         """``(S,) bool``: systems this dynamics still updates."""
         return (state.status == self.status_code) & batch.system_mask
@@ -359,11 +368,7 @@ class Dynamics:
         state = run_hooks(hooks, Stage.AFTER_POST_UPDATE, state, batch, ctx)
         state = state.replace(step=state.step + active.astype(jnp.int32))
         state = self._mark_failures(start, state, batch, active)
-        converged = jnp.zeros_like(active)
-        conv = self.convergence_hook
-        if conv is not None:
-            converged = conv.met(state, batch) & (state.status == conv.source_status) & active
-            state = state.replace(status=jnp.where(converged, conv.target_status, state.status))
+        state, converged = self._converge(state, batch, active)
         ctx = ctx.replace(converged=converged)
         if any(Stage.ON_CONVERGE in h.stages for h in hooks):
             state = jax.lax.cond(jnp.any(converged),

@@ -133,9 +133,7 @@ def steps(dyn, state, batch: Batch, limit, width: int):
                           previous_energy=jnp.where(moved, previous, state.previous_energy),
                           step=state.step + count)
     state = dyn._mark_failures(start, state, batch, active)
-    if conv is not None:
-        converged = conv.met(state, batch) & (state.status == conv.source_status) & active
-        state = state.replace(status=jnp.where(converged, conv.target_status, state.status))
+    state, _ = dyn._converge(state, batch, active)
     taken = jnp.max(count)
     return state.replace(global_step=state.global_step + taken), taken
 

@@ -46,8 +46,8 @@ CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub
 def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
-    the atoms per kernel program), ``limit`` steps inside one kernel call instead. Each observer hook's records are written, on due steps only, into
-    a device buffer with one row per due step (``length`` consecutive steps hold at most
+    the atoms per kernel program), ``limit`` steps inside one kernel call instead. Each
+    observer hook's records are written, on due steps only, into a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
     just those rows.
 
@@ -56,9 +56,7 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
     observers = _observers(dyn)
     if resident:
         state, went = resident_steps(dyn, state, batch, limit, resident)
-        flags = jnp.stack([state.neighbors.overflow.astype(jnp.int32), went,
-                           jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
-        return state, ((), flags)
+        return state, ((), _flags(dyn, state, batch, went))
 
     def empty_buffer(hook):
         rows = -(-length // hook.frequency)
@@ -106,9 +104,13 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
 
     buffers = tuple(empty_buffer(h) for h in observers)
     (state, buffers), went = jax.lax.scan(body, (state, buffers), jnp.arange(length, dtype=jnp.int32))
-    flags = jnp.stack([state.neighbors.overflow.astype(jnp.int32), went.sum(dtype=jnp.int32),
-                       jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
-    return state, (buffers, flags)
+    return state, (buffers, _flags(dyn, state, batch, went.sum(dtype=jnp.int32)))
+
+
+def _flags(dyn, state, batch, went):
+    """(neighbor-list overflow, steps taken, any system still active) as ``(3,) int32``."""
+    return jnp.stack([state.neighbors.overflow.astype(jnp.int32), went.astype(jnp.int32),
+                      jnp.any(dyn.running(state, batch)).astype(jnp.int32)])
 
 
 # Compiled at the top level only: JAX refuses compiler options on a jit nested in another
