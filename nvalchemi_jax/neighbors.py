@@ -577,10 +577,11 @@ def build(spec: NeighborSpec, positions: jax.Array, cell: jax.Array, batch: Batc
 
 def needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch) -> jax.Array:
     """``(S,) bool``: systems where a pair may have crossed ``cutoff`` since the last build."""
-    return batch.system_mask & (_beyond(drift(nl, positions, cell, batch), nl.spec.skin) | nl.stale)
+    return batch.system_mask & (beyond_skin(drift(nl, positions, cell, batch), nl.spec.skin) | nl.stale)
 
 
-def _beyond(drift, skin):
+def beyond_skin(drift, skin):
+    """Whether a pair vector change of ``drift`` Å may have moved a pair across the cutoff."""
     return drift > skin if skin > 0 else drift > 0
 
 
@@ -612,7 +613,8 @@ def drift(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch)
     return 2.0 * jnp.maximum(moved, 0.0) + jnp.sum(bound * cell_change, axis=-1)
 
 
-def _rebuild(nl: NeighborList, positions, cell, batch: Batch) -> NeighborList:
+def rebuild(nl: NeighborList, positions, cell, batch: Batch) -> NeighborList:
+    """:func:`build` with ``nl``'s spec, counting the rebuild and keeping the largest needs."""
     new = build(nl.spec, positions, cell, batch)
     return new.replace(rebuilds=nl.rebuilds + batch.system_mask.astype(jnp.int32),
                        needed=jnp.maximum(nl.needed, new.needed))
@@ -630,7 +632,7 @@ def update(nl: NeighborList, positions: jax.Array, cell: jax.Array, batch: Batch
     Systems marked stale (refilled slots) trigger a rebuild too.
     """
     # Module-level branches: eager calls reuse the compiled conditional instead of retracing.
-    return jax.lax.cond(any_needs_rebuild(nl, positions, cell, batch), _rebuild, _keep,
+    return jax.lax.cond(any_needs_rebuild(nl, positions, cell, batch), rebuild, _keep,
                         nl, positions, cell, batch)
 
 
@@ -664,7 +666,7 @@ def one_pass_needs_rebuild(nl: NeighborList, positions: jax.Array, cell: jax.Arr
         atoms = batch.atom_mask & gather_systems(live, batch.system_index, False)
         moved2 = jnp.sum((positions - nl.reference_positions) ** 2, axis=-1)
         moved = jnp.sqrt(jnp.max(jnp.where(atoms, moved2, 0.0)))
-        return jnp.any(nl.stale & live) | _beyond(2.0 * moved, nl.spec.skin)
+        return jnp.any(nl.stale & live) | beyond_skin(2.0 * moved, nl.spec.skin)
 
     def per_system(nl, positions):
         return jnp.any(needs_rebuild(nl, positions, cell, batch))

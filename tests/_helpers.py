@@ -1,4 +1,5 @@
-"""Shared test helpers: small argon batches and a compilation counter."""
+"""Shared test helpers: small argon batches, a mixed batch, ASE's VelocityVerlet, and a
+compilation counter."""
 
 import contextlib
 
@@ -40,6 +41,26 @@ def ase_velocity_verlet(batch, steps, dt=5.0, **lj):
     atoms.calc = LennardJones(**lj)
     VelocityVerlet(atoms, timestep=dt * units.fs).run(steps)
     return atoms
+
+
+def mixed_batch(temperature=60.0):
+    """Three crystals of 32, 48 and 108 atoms, every fifth atom krypton, atom 3 fixed."""
+    rng = np.random.default_rng(1)
+    positions, cells, numbers, fixed = [], [], [], []
+    for r in [(2, 2, 2), (2, 2, 3), (3, 3, 3)]:
+        p, c = fcc_crystal(r)
+        positions.append(p + rng.normal(0, 0.05, p.shape))
+        cells.append(c)
+        z = np.full(len(p), 18)
+        z[::5] = 36
+        numbers.append(z)
+        pin = np.zeros(len(p), bool)
+        pin[3] = True
+        fixed.append(pin)
+    batch = nj.Batch.from_arrays(positions=positions, atomic_numbers=numbers, cell=cells,
+                                 pbc=[True] * 3, fixed=fixed, sample_ids=[4, 5, 6])
+    from nvalchemi_jax.dynamics import maxwell_boltzmann
+    return batch.replace(velocities=maxwell_boltzmann(batch, temperature, jax.random.key(2)))
 
 
 @contextlib.contextmanager

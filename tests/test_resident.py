@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 from ase import units as ase_units
 
-import nvalchemi_jax as nj
-from nvalchemi_jax.datasets import fcc_crystal
-from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, maxwell_boltzmann, resident
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, resident
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch, ase_velocity_verlet
+from _helpers import ARGON, argon_batch, ase_velocity_verlet, mixed_batch
 
 SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells are 10.5 Å wide
 
@@ -25,26 +23,8 @@ SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells a
 def kernels(monkeypatch):
     monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
     monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT", raising=False)
+    monkeypatch.setenv("NVALCHEMI_JAX_LEAPFROG", "0")      # the engine when not resident
     return monkeypatch
-
-
-def mixed_batch(temperature=60.0):
-    """Three crystals of 32, 48 and 108 atoms, every fifth atom krypton, atom 3 fixed."""
-    rng = np.random.default_rng(1)
-    positions, cells, numbers, fixed = [], [], [], []
-    for r in [(2, 2, 2), (2, 2, 3), (3, 3, 3)]:
-        p, c = fcc_crystal(r)
-        positions.append(p + rng.normal(0, 0.05, p.shape))
-        cells.append(c)
-        z = np.full(len(p), 18)
-        z[::5] = 36
-        numbers.append(z)
-        pin = np.zeros(len(p), bool)
-        pin[3] = True
-        fixed.append(pin)
-    batch = nj.Batch.from_arrays(positions=positions, atomic_numbers=numbers, cell=cells,
-                                 pbc=[True] * 3, fixed=fixed, sample_ids=[4, 5, 6])
-    return batch.replace(velocities=maxwell_boltzmann(batch, temperature, jax.random.key(2)))
 
 
 def run_both(kernels, md, batch, state=None, **kwargs):

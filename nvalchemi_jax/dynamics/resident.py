@@ -55,19 +55,27 @@ def enabled() -> bool:
     return os.environ.get("NVALCHEMI_JAX_RESIDENT", "1") != "0"
 
 
+def fused_nve(dyn, batch: Batch) -> bool:
+    """Host side: whether ``dyn`` is a run the fused NVE kernels can take (this module's and
+    :mod:`~nvalchemi_jax.dynamics.leapfrog`'s): exact NVE with a pair potential, no hooks,
+    no stress, a step budget as the only convergence test, concrete inputs, fused kernels
+    wanted (see :mod:`nvalchemi_jax._pallas`)."""
+    from nvalchemi_jax.dynamics.integrators.nve import NVE
+    from nvalchemi_jax.models.pair import PairPotential
+    if type(dyn) is not NVE or dyn.hooks or dyn.wants_stress:
+        return False
+    if not isinstance(dyn.model, PairPotential):
+        return False
+    conv = dyn.convergence
+    if conv is not None and any(c.key != "step" for c in conv.criteria):
+        return False
+    return not isinstance(batch.positions, jax.core.Tracer) and _pallas.wanted(batch.num_atoms)
+
+
 def plan(dyn, batch: Batch) -> int:
     """Host side: the padded atoms per program (a power of two) if ``dyn`` can run ``batch``
     resident, else 0."""
-    from nvalchemi_jax.dynamics.integrators.nve import NVE
-    from nvalchemi_jax.models.pair import PairPotential
-    if not enabled() or type(dyn) is not NVE or dyn.hooks or dyn.wants_stress:
-        return 0
-    if not isinstance(dyn.model, PairPotential):
-        return 0
-    conv = dyn.convergence
-    if conv is not None and any(c.key != "step" for c in conv.criteria):
-        return 0
-    if isinstance(batch.positions, jax.core.Tracer) or not _pallas.wanted(batch.num_atoms):
+    if not enabled() or not fused_nve(dyn, batch):
         return 0
     mask = np.asarray(batch.system_mask)
     if not mask.any():
@@ -80,6 +88,20 @@ def plan(dyn, batch: Batch) -> int:
     if not (widths >= 2.0 * float(dyn.model.cutoff)).all():
         return 0
     return max(MIN_WIDTH, 1 << int(n_atoms.max() - 1).bit_length())
+
+
+def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
+    """``(S,) int32``: steps each system takes in a chunk of at most ``limit``: 0 for those
+    not running, fewer where the step budget (the only convergence test, see
+    :func:`fused_nve`) ends sooner."""
+    active = dyn.running(state, batch)
+    conv = dyn.convergence_hook
+    count = jnp.full(active.shape, limit, jnp.int32)
+    if conv is not None:
+        # Step criteria only: all of them hold from the largest threshold on.
+        budget = math.ceil(max(c.threshold for c in conv.criteria))
+        count = jnp.minimum(count, jnp.maximum(budget - state.step, 0))
+    return jnp.where(active, count, 0)
 
 
 def atom_table(batch: Batch, width: int) -> jax.Array:
@@ -100,13 +122,7 @@ def steps(dyn, state, batch: Batch, limit, width: int):
     start = state
     model = dyn.model
     active = dyn.running(state, batch)
-    conv = dyn.convergence_hook
-    count = jnp.full(active.shape, limit, jnp.int32)
-    if conv is not None:
-        # Step criteria only (plan): all of them hold from the largest threshold on.
-        budget = math.ceil(max(c.threshold for c in conv.criteria))
-        count = jnp.minimum(count, jnp.maximum(budget - state.step, 0))
-    count = jnp.where(active, count, 0)
+    count = step_counts(dyn, state, batch, limit)
 
     table = atom_table(batch, width)
     present = table < batch.num_atoms

@@ -24,6 +24,7 @@ import numpy as np
 
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import status as status_codes
+from nvalchemi_jax.dynamics import leapfrog
 from nvalchemi_jax.dynamics.resident import plan as plan_resident, steps as resident_steps
 from nvalchemi_jax.dynamics.hooks.base import HookContext
 
@@ -43,10 +44,11 @@ def _observers(dyn):
 CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub_radix_sort": False}
 
 
-def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
+def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused: bool = False):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
-    the atoms per kernel program), ``limit`` steps inside one kernel call instead. Each
+    the atoms per kernel program), ``limit`` steps inside one kernel call instead; with
+    ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), one kernel call per step. Each
     observer hook's records are written, on due steps only, into a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
     just those rows.
@@ -56,6 +58,9 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0):
     observers = _observers(dyn)
     if resident:
         state, went = resident_steps(dyn, state, batch, limit, resident)
+        return state, ((), _flags(dyn, state, batch, went))
+    if fused:
+        state, went = leapfrog.steps(dyn, state, batch, limit)
         return state, ((), _flags(dyn, state, batch, went))
 
     def empty_buffer(hook):
@@ -115,7 +120,7 @@ def _flags(dyn, state, batch, went):
 
 # Compiled at the top level only: JAX refuses compiler options on a jit nested in another
 # (jit `chunk_steps` with the options to use it inside a larger program).
-run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident"),
+run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused"),
                     compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
@@ -171,7 +176,8 @@ class Chunk:
         return bool(overflow), went, bool(active)
 
 
-def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0) -> Chunk:
+def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
+             fused: bool = False) -> Chunk:
     """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records to the host are queued too,
@@ -181,7 +187,8 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
         start = state.state if isinstance(state, Chunk) else state
         if prepare is not None:
             start = prepare(start)
-        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident)
+        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident,
+                                          fused=fused)
         for leaf in jax.tree.leaves((buffers, flags)):
             leaf.copy_to_host_async()
         return start, new, buffers, flags
@@ -231,13 +238,15 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     else:
         dyn.check(batch)
     observers = _observers(dyn)
-    resident = plan_resident(dyn, batch)
+    # The fused NVE kernels, where the run qualifies: resident systems, else one kernel per step.
+    path = dict(resident=plan_resident(dyn, batch))
+    path["fused"] = not path["resident"] and leapfrog.plan(dyn, batch)
     bar = _Progress(max_steps, batch) if progress else None
     taken = chunks = regrows = 0
     try:
         if max_steps > 0 and bool(jnp.any(dyn.running(state, batch))):
             current = dispatch(dyn, state, batch, min(chunk_size, max_steps), chunk_size,
-                               resident=resident)
+                               **path)
         else:
             current = None
         while current is not None:
@@ -247,14 +256,14 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             limit = min(chunk_size, max_steps - taken)
             ahead = max_steps - taken - limit
             following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size,
-                                 resident=resident) if ahead > 0 else None
+                                 **path) if ahead > 0 else None
             overflowed, went, active = current.settle()
             chunks += 1
             if overflowed:
                 # Drop this chunk and the one computed from it; redo from a larger list.
                 regrows += 1
                 current = dispatch(dyn, regrown(dyn, current.start, current.state, batch), batch, limit,
-                                   chunk_size, resident=resident)
+                                   chunk_size, **path)
                 continue
             taken += went
             state = current.state

@@ -1,0 +1,142 @@
+"""NVE with one fused kernel per step (leapfrog form, neighbor lists): against ASE's
+VelocityVerlet, against the step-by-step engine (mixed batches, rebuilds, a list that
+overflows mid-chunk, a failing system), and which runs take it. Off a GPU the kernel runs
+in Pallas' interpreter (``NVALCHEMI_JAX_KERNELS=pallas``); resident kernels are turned off
+so that small systems take this path."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import units as ase_units
+
+from nvalchemi_jax import neighbors
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, leapfrog, resident
+from nvalchemi_jax.dynamics import status as status_codes
+from nvalchemi_jax.dynamics.hooks import LoggingHook
+from nvalchemi_jax.models import LennardJones
+
+from _helpers import ARGON, argon_batch, ase_velocity_verlet, mixed_batch
+
+SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+    monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT", "0")
+    monkeypatch.delenv("NVALCHEMI_JAX_LEAPFROG", raising=False)
+    return monkeypatch
+
+
+def run_both(kernels, md, batch, state=None, **kwargs):
+    """The same run with one kernel per step and step by step."""
+    runs = {}
+    for flag in ("1", "0"):
+        kernels.setenv("NVALCHEMI_JAX_LEAPFROG", flag)
+        runs[flag] = md.run(batch, state=state, **kwargs)
+    return runs["1"], runs["0"]
+
+
+def assert_same_states(fast, slow, rtol=1e-9, atol=1e-12):
+    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
+        np.testing.assert_allclose(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
+                                   rtol=rtol, atol=atol, err_msg=name)
+    for name in ("step", "status", "failure", "global_step"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
+                                      err_msg=name)
+    np.testing.assert_array_equal(np.asarray(fast.neighbors.rebuilds),
+                                  np.asarray(slow.neighbors.rebuilds), err_msg="rebuilds")
+
+
+def test_matches_ase_velocity_verlet(x64, kernels):
+    """256 argon atoms at 300 K (cutoff 8.5 Å, skin 0.2 Å: the list is rebuilt inside the
+    chunks), 40 steps of 5 fs: positions agree with ASE driving its own LJ to 1e-6 Å."""
+    batch = argon_batch(repeats=[(4, 4, 4)], temperature=300.0)
+    md = NVE(model=LennardJones(**ARGON, shift=True), dt=5.0, n_steps=40, skin=0.2)
+    assert leapfrog.plan(md, batch)
+    result = md.run(batch, chunk_size=25)
+    ours = result.state
+    assert int(ours.neighbors.rebuilds[0]) > 0
+    atoms = ase_velocity_verlet(batch, 40, sigma=ARGON["sigma"], epsilon=ARGON["epsilon"],
+                                rc=ARGON["cutoff"], smooth=False)
+    n = len(atoms)
+    assert np.abs(np.asarray(ours.positions[:n]) - atoms.positions).max() < 1e-6
+    np.testing.assert_allclose(np.asarray(ours.velocities[:n]) / ase_units.fs, atoms.get_velocities(),
+                               atol=1e-8)
+    # Rounding differences grow along a 300 K trajectory (positions ~1e-8 Å apart after
+    # 40 steps in float64); the energy follows them: 1e-8 relative, not 1e-9.
+    np.testing.assert_allclose(float(ours.energy[0]), atoms.get_potential_energy(), rtol=1e-8)
+
+
+def test_matches_engine_on_a_mixed_batch(x64, kernels):
+    """Sizes 32 / 48 / 108, two species from tables, a fixed atom, ASE's smooth cutoff, a
+    small skin (rebuilds inside chunks) and a step budget (25) that ends inside a chunk:
+    every field of the state equals the step-by-step engine's (itself checked against ASE
+    in test_nve)."""
+    batch = mixed_batch(temperature=300.0)
+    model = LennardJones.mixed(species=(18, 36), sigma=(3.40, 3.65), epsilon=(0.0104, 0.0140),
+                               cutoff=5.0, switch_on=4.5)
+    md = NVE(model=model, dt=4.0, n_steps=25, skin=0.2)
+    fast, slow = run_both(kernels, md, batch, chunk_size=10)
+    assert_same_states(fast.state, slow.state)
+    assert int(fast.state.neighbors.rebuilds[0]) > 0
+    assert fast.steps == slow.steps == 25 and fast.converged[:3].all()
+    pinned = np.flatnonzero(np.asarray(batch.fixed))
+    np.testing.assert_array_equal(np.asarray(fast.state.positions)[pinned],
+                                  np.asarray(batch.positions)[pinned])
+
+
+def test_a_list_that_overflows_inside_a_chunk(x64, kernels):
+    """A hot run whose list is exactly as wide as the first build needed: a rebuild inside
+    the chunk overflows it, the chunk is redone from its start with a wider list, and the
+    result is the engine's."""
+    batch = argon_batch(repeats=[(3, 3, 3), (2, 2, 3)], temperature=3000.0, rattle=0.3)
+    md = NVE(model=LennardJones(**SHORT), dt=5.0, n_steps=40, skin=0.3)
+    state = md.init(batch)
+    snug = dataclasses.replace(state.neighbors.spec, max_neighbors=int(state.neighbors.needed[0]))
+    state = state.replace(neighbors=neighbors.build(snug, state.positions, state.cell, batch))
+    fast, slow = run_both(kernels, md, batch, state=state, chunk_size=20)
+    assert fast.regrows >= 1 and fast.regrows == slow.regrows
+    assert fast.state.neighbors.spec.max_neighbors > snug.max_neighbors
+    assert_same_states(fast.state, slow.state)
+
+
+def test_a_failing_system_leaves_the_others(x64, kernels):
+    """A non-finite velocity in system 1 fails it (named reason, back to its last finite
+    step, as the engine does); systems 0 and 2 run on exactly as the engine runs them."""
+    batch = mixed_batch()
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=12, skin=0.2)
+    batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
+    state = md.init(batch)
+    bad = int(np.flatnonzero(np.asarray(batch.system_index) == 1)[5])
+    state = state.replace(velocities=state.velocities.at[bad, 0].set(jnp.nan))
+    fast, slow = run_both(kernels, md, batch, state=state, chunk_size=12)
+    assert fast.failed[:3].tolist() == [False, True, False] == slow.failed[:3].tolist()
+    assert int(fast.state.failure[1]) == int(status_codes.Failure.NONFINITE_FORCES)
+    assert_same_states(fast.state, slow.state)
+    assert fast.converged[[0, 2]].all()
+
+
+def test_which_runs_qualify(kernels):
+    batch = argon_batch(repeats=[(2, 2, 2), (3, 3, 3)])
+    model = LennardJones(**SHORT, shift=True)
+    md = NVE(model=model, dt=2.0, n_steps=10)
+    assert leapfrog.plan(md, batch) and leapfrog.plan(NVE(model=model, dt=2.0), batch)
+    fmax = ConvergenceHook((Criterion("fmax", 0.1),))
+    refused = [
+        NVE(model=model, dt=2.0, convergence=fmax),                               # not a budget
+        NVE(model=model, dt=2.0, n_steps=10, hooks=(LoggingHook(frequency=5),)),  # hooks
+        NVTLangevin(model=model, dt=2.0, temperature=50.0, friction=0.01, n_steps=10),
+    ]
+    for other in refused:
+        assert not leapfrog.plan(other, batch), other
+    # Open cells and large systems qualify (resident ones do not).
+    open_batch = batch.replace(pbc=batch.pbc.at[1, 2].set(False))
+    assert leapfrog.plan(md, open_batch) and not resident.plan(md, open_batch)
+    kernels.setenv("NVALCHEMI_JAX_LEAPFROG", "0")
+    assert not leapfrog.plan(md, batch)
+    kernels.setenv("NVALCHEMI_JAX_LEAPFROG", "1")
+    kernels.setenv("NVALCHEMI_JAX_KERNELS", "auto")     # auto: the kernels only on a GPU
+    assert leapfrog.plan(md, batch) == resident._pallas.on_gpu()
