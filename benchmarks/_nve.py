@@ -18,7 +18,7 @@ import numpy as np
 
 import nvalchemi_jax as nj
 import peers
-from nvalchemi_jax.dynamics import NVE, resident
+from nvalchemi_jax.dynamics import NVE, leapfrog, resident
 from nvalchemi_jax.models import LennardJones
 
 LJ = dict(sigma=3.40, epsilon=0.0104, cutoff=8.5)
@@ -57,9 +57,17 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
             "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
+            "path": path(md, batch),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
+
+
+def path(md, batch) -> str:
+    """How our run steps: resident kernels, one fused kernel per step, or the engine."""
+    if resident.plan(md, batch):
+        return "resident"
+    return "leapfrog" if leapfrog.plan(md, batch) else "engine"
 
 
 def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS):

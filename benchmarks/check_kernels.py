@@ -2,10 +2,12 @@
 host (every pair within the list cutoff, once, by minimum image: these cells are more
 than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
 to float32 rounding), with int8 and packed shift storage, and resident NVE steps
-(:mod:`nvalchemi_jax.dynamics.resident`) against the step-by-step engine. Exit status 1 if a
+(:mod:`nvalchemi_jax.dynamics.resident`) and one-kernel-per-step NVE
+(:mod:`nvalchemi_jax.dynamics.leapfrog`) against the step-by-step engine. Exit status 1 if a
 neighbor table or the pair kernel is wrong (``run_h200.sh`` then falls back to
 ``NVALCHEMI_JAX_KERNELS=xla``), 3 if only the resident kernel is (it then sets
-``NVALCHEMI_JAX_RESIDENT=0``). Prints JSON lines.
+``NVALCHEMI_JAX_RESIDENT=0``), 4 if only the leapfrog kernel is (``NVALCHEMI_JAX_LEAPFROG=0``),
+5 if both are. Prints JSON lines.
 
     python benchmarks/check_kernels.py
 """
@@ -74,31 +76,40 @@ def check(name, batch, method, shift_dtype="int8"):
             "ok": bool(err < 1e-5 and wrong == 0 and not bool(nl.overflow))}
 
 
-def check_resident(name, batch, steps):
-    """NVE steps held in one kernel program per system against the step-by-step engine
-    (float32: forces after one step to rounding; positions after ``steps`` steps, where
-    rounding differences grow, to 1e-4 Å)."""
-    from nvalchemi_jax.dynamics import NVE, resident
-    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9)
+def check_path(name, batch, steps, path):
+    """NVE by one of the fused paths (``resident``: steps held in one kernel program per
+    system, ``leapfrog``: one kernel per step) against the step-by-step engine (float32:
+    forces after one step to rounding; positions after ``steps`` steps, where rounding
+    differences grow, to 1e-4 Å)."""
+    from nvalchemi_jax.dynamics import NVE, leapfrog, resident
+    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=0.5)
     state = md.init(batch)
-    width = resident.plan(md, batch)
-    out, before = {}, os.environ.get("NVALCHEMI_JAX_RESIDENT")
+    flags = {"resident": "NVALCHEMI_JAX_RESIDENT", "leapfrog": "NVALCHEMI_JAX_LEAPFROG"}
+    before = {v: os.environ.get(v) for v in flags.values()}
+    os.environ["NVALCHEMI_JAX_RESIDENT"] = "1" if path == "resident" else "0"
+    planned = resident.plan(md, batch) if path == "resident" else int(leapfrog.plan(md, batch))
+    out = {}
     for flag in ("1", "0"):
-        os.environ["NVALCHEMI_JAX_RESIDENT"] = flag
+        os.environ[flags[path]] = flag
+        if flag == "0":
+            os.environ["NVALCHEMI_JAX_LEAPFROG"] = "0"      # the engine, not the other path
         one = md.run(batch, state=state, max_steps=1, chunk_size=1).state
         many = md.run(batch, state=state, max_steps=steps, chunk_size=steps).state
-        out[flag] = [np.asarray(x) for x in (one.forces, many.positions, many.energy)]
-    if before is None:
-        os.environ.pop("NVALCHEMI_JAX_RESIDENT")
-    else:
-        os.environ["NVALCHEMI_JAX_RESIDENT"] = before
-    (f1, x1, e1), (f0, x0, e0) = out["1"], out["0"]
+        out[flag] = [np.asarray(x) for x in (one.forces, many.positions, many.energy,
+                                             many.neighbors.rebuilds)]
+    for variable, value in before.items():
+        if value is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = value
+    (f1, x1, e1, r1), (f0, x0, e0, r0) = out["1"], out["0"]
     err = float(np.abs(f1 - f0).max() / np.abs(f0).max())
     dx = float(np.abs(x1 - x0).max())
     de = float(np.abs(e1 - e0).max() / np.abs(e0).max())
-    return {"case": name, "method": "resident", "width": width, "steps": steps,
+    return {"case": name, "method": path, "planned": planned, "steps": steps,
+            "rebuilds": [int(r1.max()), int(r0.max())],
             "force_max_rel_err": err, "positions_max_abs_diff": dx, "energy_max_rel_diff": de,
-            "ok": bool(width > 0 and err < 1e-5 and dx < 1e-4 and de < 1e-4)}
+            "ok": bool(planned > 0 and err < 1e-5 and dx < 1e-4 and de < 1e-4)}
 
 
 def main(argv=None):
@@ -111,12 +122,16 @@ def main(argv=None):
             check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list"),
             check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "all_pairs", "packed"),
             check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list", "packed"),
-            check_resident("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50)]
+            check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "resident"),
+            check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "leapfrog"),
+            check_path("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), 50, "leapfrog")]
     if before is None:
         os.environ.pop("NVALCHEMI_JAX_KERNELS")
     emit([{"benchmark": "check_kernels", **r} for r in rows], args.out)
-    kernels_ok = all(r["ok"] for r in rows if r["method"] != "resident")
-    sys.exit(0 if all(r["ok"] for r in rows) else 1 if not kernels_ok else 3)
+    ok = {method: all(r["ok"] for r in rows if r["method"] == method) for method in ("resident", "leapfrog")}
+    kernels_ok = all(r["ok"] for r in rows if r["method"] not in ok)
+    paths = {(True, True): 0, (False, True): 3, (True, False): 4, (False, False): 5}
+    sys.exit(1 if not kernels_ok else paths[ok["resident"], ok["leapfrog"]])
 
 
 if __name__ == "__main__":

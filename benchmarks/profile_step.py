@@ -19,7 +19,7 @@ from _report import emit, median_seconds
 from _nve import batch_of
 from peers import nve_inputs
 from nvalchemi_jax import _pallas, neighbors
-from nvalchemi_jax.dynamics import NVE
+from nvalchemi_jax.dynamics import NVE, leapfrog
 from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps
 from nvalchemi_jax.models import LennardJones, compute, pair_kernel
 
@@ -85,7 +85,7 @@ def kernel_blocks(model, batch, positions, nl, blocks):
 
 
 def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", blocks=(),
-            method="auto", hlo_dir=None):
+            method="auto", hlo_dir=None, path="engine"):
     model = LennardJones(sigma=3.40, epsilon=0.0104, cutoff=8.5, shift=True)
     md = NVE(model, dt=5.0, n_steps=10**9, skin=skin, neighbor_method=method)
     state = jax.block_until_ready(md.init(batch))
@@ -103,7 +103,11 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     row["build_us"] = 1e6 * median_seconds(jax.jit(lambda p: neighbors.build(nl.spec, p, batch.cell, batch).indices),
                                   state.positions, repeat=5)
     limit = jnp.asarray(steps, jnp.int32)
-    chunk = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=steps)[0],
+    row["path"] = path
+    fused = path == "leapfrog" and leapfrog.plan(md, batch)
+    if path == "leapfrog" and not fused:
+        raise SystemExit("--path leapfrog: this run does not qualify (on a GPU? NVALCHEMI_JAX_LEAPFROG?)")
+    chunk = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=steps, fused=fused)[0],
                     compiler_options=CHUNK_COMPILER_OPTIONS)
     t0 = time.perf_counter()
     state = jax.block_until_ready(chunk(state))
@@ -134,6 +138,8 @@ def main(argv=None):
     p.add_argument("--blocks", nargs="*", default=[],
                    help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
     p.add_argument("--method", default="auto", help="neighbor-list method (auto, all_pairs, cell_list)")
+    p.add_argument("--path", choices=("engine", "leapfrog"), default="engine",
+                   help="the chunk to time: the engine's scan or one fused kernel per step")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--hlo-dir", default=None, help="write each chunk's optimized HLO here")
     p.add_argument("--out", default=None)
@@ -145,11 +151,11 @@ def main(argv=None):
     rows = []
     for skin in args.skin:
         rows += [profile(f"B={b} x 256", batch_of(*nve_inputs(b, 4)), args.steps, args.trace, skin, args.row_sums,
-                         blocks, args.method, args.hlo_dir) for b in args.batches]
+                         blocks, args.method, args.hlo_dir, args.path) for b in args.batches]
         for n in args.big:
             side = round((n / 4) ** (1 / 3))
             rows.append(profile(f"1 x {4 * side**3}", batch_of(*nve_inputs(1, side)), args.steps, args.trace, skin,
-                                args.row_sums, blocks, args.method, args.hlo_dir))
+                                args.row_sums, blocks, args.method, args.hlo_dir, args.path))
     emit([{"benchmark": "profile_step", **r} for r in rows], args.out)
 
 

@@ -10,6 +10,9 @@
 #   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
 #   resident        W1 with resident NVE kernels (jax-md alongside), and their tile sweep
 #   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
+#   leapfrog        W2 with one fused kernel per step against the engine, alternating rounds,
+#                   and a kernel table of its step
+#   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
@@ -30,11 +33,14 @@ run() {  # name, seconds, script and its arguments
   echo "$name: exit $? ($(grep -c . "$out/${name}_h200_$day.jsonl" 2>/dev/null || echo 0) rows)"
 }
 kernels="check_kernels_$part"
-timeout 120 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1
+timeout 240 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1
 case $? in
   0) ;;
-  3) echo "resident NVE kernels failed their check (see $kernels.log): the step-by-step engine for this part"
-     export NVALCHEMI_JAX_RESIDENT=0 ;;
+  3|5) echo "resident NVE kernels failed their check (see $kernels.log): not used in this part"
+     export NVALCHEMI_JAX_RESIDENT=0 ;;&
+  4|5) echo "leapfrog NVE kernels failed their check (see $kernels.log): not used in this part"
+     export NVALCHEMI_JAX_LEAPFROG=0 ;;
+  3) ;;
   *) echo "fused kernels failed their check (see $kernels.log): XLA forms for this part"
      export NVALCHEMI_JAX_KERNELS=xla ;;
 esac
@@ -83,6 +89,19 @@ case $part in
       cat "$out/w2_shifts_tmp_h200_$day.jsonl" >> "$out/w2_shifts_ab_h200_$day.jsonl"
       rm -f "$out/w2_shifts_tmp_h200_$day.jsonl"
     done ;;
+  leapfrog)   # one kernel per step (NVALCHEMI_JAX_LEAPFROG) vs the engine, ours only, one file
+    if [ "${NVALCHEMI_JAX_LEAPFROG:-1}" = 0 ]; then echo "leapfrog: skipped (failed its check)"; continue; fi
+    for flag in 0 1 1 0; do
+      NVALCHEMI_JAX_LEAPFROG=$flag run w2_leapfrog_tmp 70 bench_w2_single.py --atoms 32000 256000 \
+        --steps 1000 --peers
+      cat "$out/w2_leapfrog_tmp_h200_$day.jsonl" >> "$out/w2_leapfrog_ab_h200_$day.jsonl"
+      rm -f "$out/w2_leapfrog_tmp_h200_$day.jsonl"
+    done
+    run profile_step_leapfrog 120 profile_step.py --batches --big 32000 256000 --skin 1.0 --steps 100 \
+      --path leapfrog --trace ;;
+  leapfrog-peers)   # W2 with jax-md alongside (after install_peers.sh), and with a larger skin
+    run w2_single 150 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md
+    run w2_leapfrog_skin 60 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --skin 1.5 ;;
   *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
 esac
 done
