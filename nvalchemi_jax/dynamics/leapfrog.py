@@ -40,6 +40,10 @@ from nvalchemi_jax.dynamics import resident, status as status_codes
 from nvalchemi_jax.models import pair_kernel
 
 
+#: The integration inside the pair kernel (True) or after it, in XLA (False).
+IN_KERNEL = True
+
+
 def enabled() -> bool:
     return os.environ.get("NVALCHEMI_JAX_LEAPFROG", "1") != "0"
 
@@ -50,9 +54,9 @@ def plan(dyn, batch: Batch) -> bool:
     return enabled() and resident.fused_nve(dyn, batch)
 
 
-def steps(dyn, state, batch: Batch, limit):
-    """Up to ``limit`` NVE steps of every running system, one kernel call per step; returns
-    ``(state, steps taken)`` as the chunk's scan would."""
+def steps(dyn, state, batch: Batch, limit, length: int):
+    """Up to ``limit`` (at most ``length``) NVE steps of every running system, one kernel
+    call per step; returns ``(state, steps taken)`` as the chunk's scan would."""
     from nvalchemi_jax.models.pair import species_table, symmetric
     start = state
     model = dyn.model
@@ -70,7 +74,7 @@ def steps(dyn, state, batch: Batch, limit):
     rows = None if species is None else jnp.asarray(species)[batch.atomic_numbers]
     num_species = 1 if species is None else int(np.max(species)) + 1
     params = {name: symmetric(v) for name, v in model.pair_parameters().items()}
-    evaluate = functools.partial(call, model.pair_term, float(model.cutoff), params, rows,
+    evaluate = functools.partial(call if IN_KERNEL else call_xla, model.pair_term, float(model.cutoff), params, rows,
                                  num_species, kick=kick, dt=state.stage.system["dt"], cell=state.cell,
                                  batch=batch)
     skin = state.neighbors.spec.skin
@@ -103,7 +107,7 @@ def steps(dyn, state, batch: Batch, limit):
         # The list must cover the positions put back (the engine tests them at its next step).
         return out, neighbors.update(nl, x[:, :3], state.cell, batch)
 
-    def body(i, carry):
+    def advance(carry, i):
         out, x_prev, nl = carry
         x, v, f, e, e_prev, count, status, failure = out
         x_new, x_now, v, f, e_new, e_prev_new, moved, bad = evaluate(x, v, e, e_prev, count, i, nl)
@@ -113,10 +117,15 @@ def steps(dyn, state, batch: Batch, limit):
         out, nl = jax.lax.switch(branch, (keep, rebuild, fail), out, nl, (i, x, x_prev, e, e_prev))
         return out, x_now, nl
 
+    def body(carry, i):
+        # A scan of fixed length with a skip test: a GPU runs both as CUDA graph nodes, where
+        # a loop of data-dependent length read its test on the host at every step.
+        return jax.lax.cond(i < trips, advance, lambda carry, i: carry, carry, i), None
+
     x4 = jnp.pad(state.positions, ((0, 0), (0, 1)))
     zero = jnp.zeros(n, dtype)
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
-    out, _, nl = jax.lax.fori_loop(0, trips, body, (out, x4, nl))
+    (out, _, nl), _ = jax.lax.scan(body, (out, x4, nl), jnp.arange(length + 1, dtype=jnp.int32))
     x4, v, f, e, e_prev, count, status, failure = out
 
     ran = trips > 0
@@ -132,6 +141,30 @@ def steps(dyn, state, batch: Batch, limit):
     failed = (status == status_codes.FAILED) & (start.status != status_codes.FAILED)
     taken = jnp.max(jnp.where(failed, count + 1, count))
     return state.replace(global_step=state.global_step + taken), taken
+
+
+def call_xla(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, index, nl, *, kick, dt,
+             cell, batch):
+    """:func:`call` as the pair kernel followed by the integration in XLA (a fusion or two)."""
+    dtype = x4.dtype
+    sums = pair_kernel.pair_sums(term, cutoff, params, rows, num_species, x4, cell, batch, nl, False)
+    energy = sums[0]
+    force = jnp.where((kick > 0)[:, None], jnp.stack(sums[1:4], axis=-1), 0.0)
+    dt_atom = gather_systems(dt.astype(dtype), batch.system_index)
+    count_atom = gather_systems(count, batch.system_index)
+    half = (0.5 * dt_atom * kick)[:, None]
+    finish = ((index > 0) & (index <= count_atom))[:, None]
+    move = (index < count_atom)[:, None]
+    x = x4[:, :3]
+    v = v + jnp.where(finish, half * force, 0.0)
+    ok = jnp.isfinite(energy) & jnp.all(jnp.isfinite(force) & jnp.isfinite(x) & jnp.isfinite(v), axis=-1)
+    v = v + jnp.where(move, half * force, 0.0)
+    x_new = x + jnp.where(move, dt_atom[:, None] * v, 0.0)
+    moved = jnp.sum((x_new - nl.reference_positions) ** 2, axis=-1)
+    moved = jnp.where(moved == moved, moved, 0.0)
+    bad = jnp.any(finish[:, 0] & ~ok)
+    return (jnp.pad(x_new, ((0, 0), (0, 1))), x4, v, force, energy,
+            jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
 
 
 def call(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, index, nl, *, kick, dt,

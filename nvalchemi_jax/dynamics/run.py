@@ -60,7 +60,7 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused:
         state, went = resident_steps(dyn, state, batch, limit, resident)
         return state, ((), _flags(dyn, state, batch, went))
     if fused:
-        state, went = leapfrog.steps(dyn, state, batch, limit)
+        state, went = leapfrog.steps(dyn, state, batch, limit, length)
         return state, ((), _flags(dyn, state, batch, went))
 
     def empty_buffer(hook):
