@@ -57,14 +57,14 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
             "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
-            "path": path(md, batch), "leapfrog_epilogue": "kernel" if leapfrog.IN_KERNEL else "xla",
+            "path": path(md, batch),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
 
 def path(md, batch) -> str:
-    """How our run steps: resident kernels, one fused kernel per step, or the engine."""
+    """How our run steps: resident kernels, the leapfrog path, or the engine."""
     if resident.plan(md, batch):
         return "resident"
     return "leapfrog" if leapfrog.plan(md, batch) else "engine"
@@ -102,9 +102,6 @@ def add_arguments(parser):
                         help="our neighbor lists' shift storage (default: the library's)")
     parser.add_argument("--resident-tile", default=None, metavar="ROWSxCOLSxWARPS",
                         help="resident NVE kernel's tile and warps (default: the library's)")
-    parser.add_argument("--leapfrog-epilogue", choices=("kernel", "xla"), default=None,
-                        help="one-kernel-per-step NVE: integrate in the pair kernel or after it "
-                             "(default: the library's)")
     parser.add_argument("--out", default=None)
 
 
@@ -113,8 +110,6 @@ def configure(args):
     if args.shifts is not None:
         from nvalchemi_jax import neighbors
         neighbors.DEFAULT_SHIFT_DTYPE = args.shifts
-    if args.leapfrog_epilogue is not None:
-        leapfrog.IN_KERNEL = args.leapfrog_epilogue == "kernel"
     if args.resident_tile is not None:
         from nvalchemi_jax.dynamics import resident
         resident.ROWS, resident.COLS, resident.NUM_WARPS = (int(v) for v in args.resident_tile.split("x"))

@@ -2,11 +2,11 @@
 host (every pair within the list cutoff, once, by minimum image: these cells are more
 than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
 to float32 rounding), with int8 and packed shift storage, and resident NVE steps
-(:mod:`nvalchemi_jax.dynamics.resident`) and one-kernel-per-step NVE
+(:mod:`nvalchemi_jax.dynamics.resident`) and leapfrog NVE
 (:mod:`nvalchemi_jax.dynamics.leapfrog`) against the step-by-step engine. Exit status 1 if a
 neighbor table or the pair kernel is wrong (``run_h200.sh`` then falls back to
 ``NVALCHEMI_JAX_KERNELS=xla``), 3 if only the resident kernel is (it then sets
-``NVALCHEMI_JAX_RESIDENT=0``), 4 if only the leapfrog kernel is (``NVALCHEMI_JAX_LEAPFROG=0``),
+``NVALCHEMI_JAX_RESIDENT=0``), 4 if only the leapfrog path is (``NVALCHEMI_JAX_LEAPFROG=0``),
 5 if both are. Prints JSON lines.
 
     python benchmarks/check_kernels.py
@@ -78,7 +78,7 @@ def check(name, batch, method, shift_dtype="int8"):
 
 def check_path(name, batch, steps, path):
     """NVE by one of the fused paths (``resident``: steps held in one kernel program per
-    system, ``leapfrog``: one kernel per step) against the step-by-step engine (float32:
+    system, ``leapfrog``: the pair kernel and one integration pass per step) against the step-by-step engine (float32:
     forces after one step to rounding; positions after ``steps`` steps, where rounding
     differences grow, to 1e-4 Å)."""
     from nvalchemi_jax.dynamics import NVE, leapfrog, resident

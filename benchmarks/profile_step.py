@@ -104,7 +104,6 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
                                   state.positions, repeat=5)
     limit = jnp.asarray(steps, jnp.int32)
     row["path"] = path
-    row["leapfrog_epilogue"] = "kernel" if leapfrog.IN_KERNEL else "xla"
     fused = path == "leapfrog" and leapfrog.plan(md, batch)
     if path == "leapfrog" and not fused:
         raise SystemExit("--path leapfrog: this run does not qualify (on a GPU? NVALCHEMI_JAX_LEAPFROG?)")
@@ -140,9 +139,7 @@ def main(argv=None):
                    help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
     p.add_argument("--method", default="auto", help="neighbor-list method (auto, all_pairs, cell_list)")
     p.add_argument("--path", choices=("engine", "leapfrog"), default="engine",
-                   help="the chunk to time: the engine's scan or one fused kernel per step")
-    p.add_argument("--leapfrog-epilogue", choices=("kernel", "xla"), default=None,
-                   help="--path leapfrog: integrate in the pair kernel or after it")
+                   help="the chunk to time: the engine's scan or the leapfrog path's")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--hlo-dir", default=None, help="write each chunk's optimized HLO here")
     p.add_argument("--out", default=None)
@@ -150,8 +147,6 @@ def main(argv=None):
     if ROW_SUMS[args.row_sums] is not None:
         from nvalchemi_jax.models import pair
         pair._row_sums = ROW_SUMS[args.row_sums]
-    if args.leapfrog_epilogue is not None:
-        leapfrog.IN_KERNEL = args.leapfrog_epilogue == "kernel"
     blocks = [tuple(int(v) for v in (b + "x4").split("x")[:3]) for b in args.blocks]
     rows = []
     for skin in args.skin:

@@ -10,8 +10,8 @@
 #   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
 #   resident        W1 with resident NVE kernels (jax-md alongside), and their tile sweep
 #   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
-#   leapfrog        W2 with one fused kernel per step (integrating in the pair kernel or in
-#                   XLA after it) against the engine, alternating rounds, and kernel tables
+#   leapfrog        W2 by the leapfrog path against the engine, alternating rounds, and a
+#                   kernel table of its step
 #   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
@@ -89,19 +89,16 @@ case $part in
       cat "$out/w2_shifts_tmp_h200_$day.jsonl" >> "$out/w2_shifts_ab_h200_$day.jsonl"
       rm -f "$out/w2_shifts_tmp_h200_$day.jsonl"
     done ;;
-  leapfrog)   # one kernel per step (NVALCHEMI_JAX_LEAPFROG) vs the engine, ours only, one file
+  leapfrog)   # the leapfrog path (NVALCHEMI_JAX_LEAPFROG) vs the engine, ours only, one file
     if [ "${NVALCHEMI_JAX_LEAPFROG:-1}" = 0 ]; then echo "leapfrog: skipped (failed its check)"; continue; fi
-    for how in engine kernel xla xla kernel engine; do
-      flag=1; [ $how = engine ] && flag=0
+    for flag in 0 1 1 0; do
       NVALCHEMI_JAX_LEAPFROG=$flag run w2_leapfrog_tmp 70 bench_w2_single.py --atoms 32000 256000 \
-        --steps 1000 --peers --leapfrog-epilogue ${how/engine/kernel}
+        --steps 1000 --peers
       cat "$out/w2_leapfrog_tmp_h200_$day.jsonl" >> "$out/w2_leapfrog_ab_h200_$day.jsonl"
       rm -f "$out/w2_leapfrog_tmp_h200_$day.jsonl"
     done
-    for how in kernel xla; do
-      run profile_step_leapfrog_$how 100 profile_step.py --batches --big 32000 256000 --skin 1.0 \
-        --steps 100 --path leapfrog --leapfrog-epilogue $how --trace
-    done ;;
+    run profile_step_leapfrog 100 profile_step.py --batches --big 32000 256000 --skin 1.0 \
+      --steps 100 --path leapfrog --trace ;;
   leapfrog-peers)   # W2 with jax-md alongside (after install_peers.sh), and with a larger skin
     run w2_single 150 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md
     run w2_leapfrog_skin 60 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --skin 1.5 ;;

@@ -1,7 +1,7 @@
-"""NVE with one fused kernel per step (leapfrog form, neighbor lists): against ASE's
+"""NVE in leapfrog form (neighbor lists, few kernels per step): against ASE's
 VelocityVerlet, against the step-by-step engine (mixed batches, rebuilds, a list that
-overflows mid-chunk, a failing system), and which runs take it. Off a GPU the kernel runs
-in Pallas' interpreter (``NVALCHEMI_JAX_KERNELS=pallas``); resident kernels are turned off
+overflows mid-chunk, a failing system), and which runs take it. Off a GPU the pair kernel
+runs in Pallas' interpreter (``NVALCHEMI_JAX_KERNELS=pallas``); resident kernels are turned off
 so that small systems take this path."""
 
 import dataclasses
@@ -31,7 +31,7 @@ def kernels(monkeypatch):
 
 
 def run_both(kernels, md, batch, state=None, **kwargs):
-    """The same run with one kernel per step and step by step."""
+    """The same run in leapfrog form and step by step."""
     runs = {}
     for flag in ("1", "0"):
         kernels.setenv("NVALCHEMI_JAX_LEAPFROG", flag)

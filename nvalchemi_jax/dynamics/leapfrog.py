@@ -1,23 +1,26 @@
-"""NVE of neighbor-listed systems with one fused GPU kernel per step (velocity Verlet in
-leapfrog form).
+"""NVE of neighbor-listed systems in few kernels per step (velocity Verlet in leapfrog form).
 
-A step of the general engine is the pair kernel plus some twenty small kernels (the half
-kicks and the drift, the Verlet test, failure flags, per-system sums), a few µs each
-whatever the size: for one crystal of 32,000 atoms they cost twice the pair kernel. Here
-the kernel that evaluates the forces F_t at x_t also finishes step t and starts step
-t + 1, the same arithmetic as the engine's two half steps::
+A step of the general engine is the pair kernel plus some twenty small kernels and two
+or three conditionals (the half kicks and the drift, each blended per system, the Verlet
+test, failure flags, per-system sums), each a few µs whatever the size: for one crystal
+of 32,000 atoms they cost more than the pair kernel. Here one pass after the pair kernel,
+at the forces F_t of x_t, finishes step t and starts step t + 1, the same arithmetic as
+the engine's two half steps::
 
-    v_t     = v_{t-1/2} + dt F_t / 2m        (the second half kick of step t)
-    v_{t+½} = v_t       + dt F_t / 2m        (the first half kick of step t + 1)
+    v_t     = v_{t-½} + dt F_t / 2m          (the second half kick of step t)
+    v_{t+½} = v_t     + dt F_t / 2m          (the first half kick of step t + 1)
     x_{t+1} = x_t + dt v_{t+½}               (its drift)
 
-and reports, per block of atoms, the largest displacement since the neighbor list's
-build and whether a value it checked is non-finite. Between two kernels there remain one
-small reduction and one conditional: nothing, a rebuild of the neighbor list, or the
-failure handling of the engine (the system goes back to its last finite step, marked
-failed; the others go on). A chunk of L steps is L + 1 kernel calls: the first
-re-evaluates the chunk's starting forces (the first half kick needs them in the kernel),
-the last evaluates the final forces and only kicks.
+and finds, over all atoms at once, the largest displacement since the neighbor list's
+build and whether a value the engine checks is not finite. One conditional follows:
+nothing, a rebuild of the list, or the engine's failure handling (the system goes back
+to its last finite step, marked failed; the others go on). A chunk of L steps evaluates
+the forces L + 1 times: first at the chunk's start (the first kick needs them in the
+loop), last at its end (only the final half kick follows).
+
+On an H200 (W2, 2026-11-29, results/w2_leapfrog_ab_*): 32,000 atoms 3.45e8 -> 3.72e8
+atom-steps/s, 256,000 atoms 8.0e8 -> 8.2e8. Doing the integration inside the pair kernel
+instead (commit 62c0161) made the kernel 1.8x slower at 256,000 atoms.
 
 :func:`plan` decides on the host whether a run qualifies (the runs of
 :func:`~nvalchemi_jax.dynamics.resident.fused_nve` that are not resident); :func:`steps`
@@ -34,14 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax import _pallas, neighbors, units
+from nvalchemi_jax import neighbors, units
 from nvalchemi_jax.batch import Batch, gather_systems, sum_systems
 from nvalchemi_jax.dynamics import resident, status as status_codes
 from nvalchemi_jax.models import pair_kernel
-
-
-#: The integration inside the pair kernel (True) or after it, in XLA (False).
-IN_KERNEL = True
 
 
 def enabled() -> bool:
@@ -55,8 +54,8 @@ def plan(dyn, batch: Batch) -> bool:
 
 
 def steps(dyn, state, batch: Batch, limit, length: int):
-    """Up to ``limit`` (at most ``length``) NVE steps of every running system, one kernel
-    call per step; returns ``(state, steps taken)`` as the chunk's scan would."""
+    """Up to ``limit`` (at most ``length``) NVE steps of every running system; returns
+    ``(state, steps taken)`` as the chunk's scan would."""
     from nvalchemi_jax.models.pair import species_table, symmetric
     start = state
     model = dyn.model
@@ -74,7 +73,7 @@ def steps(dyn, state, batch: Batch, limit, length: int):
     rows = None if species is None else jnp.asarray(species)[batch.atomic_numbers]
     num_species = 1 if species is None else int(np.max(species)) + 1
     params = {name: symmetric(v) for name, v in model.pair_parameters().items()}
-    evaluate = functools.partial(call if IN_KERNEL else call_xla, model.pair_term, float(model.cutoff), params, rows,
+    evaluate = functools.partial(evaluate_and_step, model.pair_term, float(model.cutoff), params, rows,
                                  num_species, kick=kick, dt=state.stage.system["dt"], cell=state.cell,
                                  batch=batch)
     skin = state.neighbors.spec.skin
@@ -87,7 +86,7 @@ def steps(dyn, state, batch: Batch, limit, length: int):
         return out, neighbors.rebuild(nl, out[0][:, :3], state.cell, batch)
 
     def fail(out, nl, before):
-        """The engine's failure handling for the systems whose values at x_i (this call's
+        """The engine's failure handling for the systems whose values at x_i (this step's
         input) are not finite: back to x_{i-1}, velocities and forces zeroed, marked failed."""
         x, v, f, e, e_prev, count, status, failure = out
         i, x_before, x_prev, e_before, e_prev_before = before
@@ -143,9 +142,20 @@ def steps(dyn, state, batch: Batch, limit, length: int):
     return state.replace(global_step=state.global_step + taken), taken
 
 
-def call_xla(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, index, nl, *, kick, dt,
-             cell, batch):
-    """:func:`call` as the pair kernel followed by the integration in XLA (a fusion or two)."""
+def evaluate_and_step(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, index, nl, *,
+                      kick, dt, cell, batch):
+    """Step index ``index`` of a chunk: the pair kernel at x_i, then the kicks and the drift
+    (see the module docstring), which XLA fuses with the displacement and finiteness tests.
+
+    x4: ``(N, 4)`` positions x_i as the kernel's rows (x, y, z, 0); v: ``(N, 3)`` velocities
+    (v_0 at index 0, then v_{i-½}); e, e_prev: ``(N,)`` per-atom energies at x_{i-1} and
+    x_{i-2}; count: ``(S,) int32`` steps each system takes in the chunk; kick: ``(N,)``
+    acceleration per unit force (0: does not move); dt: ``(S,)`` fs.
+
+    Returns x_{i+1} ``(N, 4)``, x_i, the velocities, forces at x_i, per-atom energies at
+    x_i and x_{i-1}, the largest squared displacement since the list's build ``(1,)``, and
+    ``(1,) int32`` whether a value the engine checks (at x_i, after step i - 1) is not finite.
+    """
     dtype = x4.dtype
     sums = pair_kernel.pair_sums(term, cutoff, params, rows, num_species, x4, cell, batch, nl, False)
     energy = sums[0]
@@ -165,81 +175,3 @@ def call_xla(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, i
     bad = jnp.any(finish[:, 0] & ~ok)
     return (jnp.pad(x_new, ((0, 0), (0, 1))), x4, v, force, energy,
             jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
-
-
-def call(term, cutoff, params, rows, num_species, x4, v, e, e_prev, count, index, nl, *, kick, dt,
-         cell, batch, interpret=None):
-    """One kernel call at step index ``index`` of a chunk (see the module docstring).
-
-    x4: ``(N, 4)`` positions x_i as rows (x, y, z, 0); v: ``(N, 3)`` velocities (v_0 at
-    index 0, then v_{i-½}); e, e_prev: ``(N,)`` per-atom energies at x_{i-1} and x_{i-2};
-    count: ``(S,) int32`` steps each system takes in the chunk; kick: ``(N,)`` the
-    acceleration per unit force (0: does not move); dt: ``(S,)`` fs.
-
-    Returns x_{i+1} ``(N, 4)``, x_i ``(N, 4)`` (a copy, for the failure handling of the
-    next call), velocities, forces at x_i, per-atom energies at x_i and at x_{i-1},
-    ``(G,)`` each block's largest squared displacement since the list's build, and
-    ``(G,) int32`` whether a block has a non-finite value where the engine checks one.
-    """
-    n = nl.indices.shape[0]
-    dtype = x4.dtype
-    settings, inputs = pair_kernel.kernel_arguments(term, cutoff, params, rows, num_species, x4,
-                                                    cell, batch, nl, 4)
-    interpret = _pallas.interpreted(interpret)
-    extra = _pallas.spare(interpret)
-    blocks = -(-n // pair_kernel.BLOCK_ROWS)
-    shape = lambda size, kind=dtype: jax.ShapeDtypeStruct((size,), kind)
-    out_shape = [shape(4 * (n + extra)), shape(4 * (n + extra)), shape(3 * (n + extra)),
-                 shape(3 * (n + extra)), shape(n + extra), shape(n + extra), shape(blocks),
-                 shape(blocks, jnp.int32)]
-    run = _pallas.call(functools.partial(_kernel, **settings), out_shape, blocks,
-                       pair_kernel.NUM_WARPS, "leapfrog_nve", interpret, pair_kernel.NUM_STAGES)
-    outs = run(*inputs, v.reshape(-1), nl.reference_positions.reshape(-1).astype(dtype), e, e_prev,
-               kick, dt.astype(dtype), count, jnp.reshape(index, (1,)).astype(jnp.int32))
-    x_new, x_now, v, f, e, e_prev, moved, bad = outs
-    return (x_new[:4 * n].reshape(n, 4), x_now[:4 * n].reshape(n, 4), v[:3 * n].reshape(n, 3),
-            f[:3 * n].reshape(n, 3), e[:n], e_prev[:n], moved, bad)
-
-
-def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, **settings):
-    from jax.experimental import pallas as pl
-    names, n, s, dtype = settings["names"], settings["n"], settings["s"], settings["dtype"]
-    param_refs = refs[:len(names)]
-    v_ref, ref_ref, e_ref, ep_ref, kick_ref, dt_ref, count_ref, index_ref = refs[len(names):len(names) + 8]
-    xo_ref, xn_ref, vo_ref, fo_ref, eo_ref, epo_ref, moved_ref, bad_ref = refs[len(names) + 8:]
-    i, live = pair_kernel.block_atoms(n)
-    energy, *force = pair_kernel.row_sums(i, live, pos_ref, idx_ref, shift_ref, sys_ref, cell_ref,
-                                          rows_ref, param_refs, **settings)
-    system = jnp.clip(sys_ref[i], 0, s - 1)
-    dt = dt_ref[system]
-    count = count_ref[system]
-    step = index_ref[0]
-    kick = kick_ref[i]
-    force = [jnp.where(kick > 0, force[a], 0.0) for a in range(3)]   # fixed atoms: none
-    half = 0.5 * dt * kick
-    finish = live & (step > 0) & (step <= count)     # the second half kick of step i - 1
-    move = live & (step < count)                     # the first half kick and drift of step i
-    x = [pos_ref[i * 4 + a] for a in range(3)]
-    v = [v_ref[i * 3 + a] + jnp.where(finish, half * force[a], 0.0) for a in range(3)]
-    ok = jnp.isfinite(energy)
-    for a in range(3):
-        ok &= jnp.isfinite(force[a]) & jnp.isfinite(x[a]) & jnp.isfinite(v[a])
-    v = [v[a] + jnp.where(move, half * force[a], 0.0) for a in range(3)]
-    x_new = [x[a] + jnp.where(move, dt * v[a], 0.0) for a in range(3)]
-    reference = [ref_ref[i * 3 + a] for a in range(3)]
-    moved = sum((x_new[a] - reference[a]) ** 2 for a in range(3))
-    moved = jnp.where(live & (moved == moved), moved, 0.0)   # NaN: caught as a failure next call
-
-    target = jnp.where(live, i, n)
-    zero = jnp.zeros((pair_kernel.BLOCK_ROWS,), dtype)
-    for a in range(4):
-        _pallas.store(xo_ref, target * 4 + a, x_new[a] if a < 3 else zero, live)
-        _pallas.store(xn_ref, target * 4 + a, x[a] if a < 3 else zero, live)
-    for a in range(3):
-        _pallas.store(vo_ref, target * 3 + a, v[a], live)
-        _pallas.store(fo_ref, target * 3 + a, force[a], live)
-    _pallas.store(eo_ref, target, energy, live)
-    _pallas.store(epo_ref, target, jnp.where(finish, e_ref[i], ep_ref[i]), live)
-    block = pl.program_id(0)
-    moved_ref[block] = jnp.max(moved)
-    bad_ref[block] = jnp.max((finish & ~ok).astype(jnp.int32))

@@ -48,7 +48,7 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused:
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
     the atoms per kernel program), ``limit`` steps inside one kernel call instead; with
-    ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), one kernel call per step. Each
+    ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), NVE in leapfrog form. Each
     observer hook's records are written, on due steps only, into a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
     just those rows.
@@ -238,7 +238,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     else:
         dyn.check(batch)
     observers = _observers(dyn)
-    # The fused NVE kernels, where the run qualifies: resident systems, else one kernel per step.
+    # The fused NVE paths, where the run qualifies: resident systems, else leapfrog steps.
     path = dict(resident=plan_resident(dyn, batch))
     path["fused"] = not path["resident"] and leapfrog.plan(dyn, batch)
     bar = _Progress(max_steps, batch) if progress else None

@@ -67,66 +67,49 @@ def _parameter_refs(params: dict, num_species: int):
     return names, flat, tables
 
 
-def kernel_arguments(term, cutoff: float, params: dict, rows: jax.Array | None, num_species: int,
-                     positions: jax.Array, cell: jax.Array, batch: Batch, nl: NeighborList,
-                     n_out: int):
-    """What :func:`row_sums` needs: its static settings (a dict) and its input arrays, in
-    the order a kernel receives them (positions as ``(N * 4,)`` rows, see :func:`pair_sums`)."""
-    n, k = nl.indices.shape
-    if rows is None:
-        rows = jnp.zeros((n,), jnp.int32)
-    names, flat, is_table = _parameter_refs(params, num_species)
-    settings = dict(n=n, k=k, s=cell.shape[0], num_species=num_species, term=term,
-                    names=tuple(names), is_table=tuple(is_table), rc2=float(cutoff) ** 2,
-                    n_out=n_out, dtype=positions.dtype, packed=nl.spec.shift_dtype == "packed")
-    # Positions as rows (x, y, z, 0): a neighbor's position is one vector load, not three
-    # (H200, float32, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
-    padded = positions if positions.shape[-1] == 4 else jnp.pad(positions, ((0, 0), (0, 1)))
-    inputs = [padded.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1), batch.system_index,
-              cell.reshape(-1).astype(positions.dtype), rows,
-              *[v.astype(positions.dtype) for v in flat]]
-    return settings, inputs
-
-
 def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_species: int,
               positions: jax.Array, cell: jax.Array, batch: Batch, nl: NeighborList,
               stress: bool, interpret: bool | None = None) -> list[jax.Array]:
     """Per-atom row sums ``[½Σφ, 2Σφ'dx, 2Σφ'dy, 2Σφ'dz]`` (+ ``Σφ'd_a d_b`` for
-    ``ab`` in xx, xy, xz, yy, yz, zz with ``stress``), each ``(N,)``.
+    ``ab`` in xx, xy, xz, yy, yz, zz with ``stress``), each ``(N,)``. ``positions`` may be
+    ``(N, 3)`` or already the kernel's ``(N, 4)`` rows (x, y, z, 0).
 
     term: ``term(r2, p) -> φ`` elementwise, ``p`` the per-pair values of ``params``.
     rows: ``(N,) int32`` each atom's row in the ``(num_species, num_species)`` parameter
         tables (-1: no parameters), or ``None`` for scalar parameters only.
     interpret: run in Pallas' interpreter (default: when not on a GPU).
     """
-    n = nl.indices.shape[0]
+    n, k = nl.indices.shape
+    s = cell.shape[0]
+    if rows is None:
+        rows = jnp.zeros((n,), jnp.int32)
+    names, flat, is_table = _parameter_refs(params, num_species)
+    flat = [v.astype(positions.dtype) for v in flat]
     n_out = 10 if stress else 4
-    settings, inputs = kernel_arguments(term, cutoff, params, rows, num_species, positions, cell,
-                                        batch, nl, n_out)
-    kernel = functools.partial(_kernel, **settings)
+    kernel = functools.partial(
+        _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
+        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype,
+        packed=nl.spec.shift_dtype == "packed")
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
     call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret,
                         NUM_STAGES)
-    outs = call(*inputs)
+    # Positions as rows (x, y, z, 0): a neighbor's position is one vector load, not three
+    # (H200, float32, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
+    padded = positions if positions.shape[-1] == 4 else jnp.pad(positions, ((0, 0), (0, 1)))
+    outs = call(padded.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
+                batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat)
     return [out[:n] for out in outs]
 
 
-def block_atoms(n: int):
-    """In a kernel: this program's ``BLOCK_ROWS`` atoms (clamped to 0 past ``n``) and which
-    of them are real."""
+def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
+            num_species, term, names, is_table, rc2, n_out, dtype, packed):
     from jax.experimental import pallas as pl
+    param_refs, out_refs = refs[:len(names)], refs[len(names):]
     i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
     live = i < n
-    return jnp.where(live, i, 0), live
-
-
-def row_sums(i, live, pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, param_refs, *, n, k,
-             s, num_species, term, names, is_table, rc2, n_out, dtype, packed):
-    """In a kernel: the ``n_out`` row sums of :func:`pair_sums` for atoms ``i`` (``(BLOCK_ROWS,)``
-    each), reading each neighbor row once."""
-    from jax.experimental import pallas as pl
+    i = jnp.where(live, i, 0)
     x_i = [pos_ref[i * 4 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
     cell = frame_rows(cell_ref, system)          # image = Σ_r shift_r · cell[r]
@@ -172,15 +155,5 @@ def row_sums(i, live, pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, 
     # block step would cost cross-thread shuffles per term and step.
     zero = jnp.zeros((BLOCK_ROWS, BLOCK_COLS), dtype)
     acc = jax.lax.fori_loop(0, pl.cdiv(k, BLOCK_COLS), block, (zero,) * n_out)
-    return [jnp.sum(value, axis=1) for value in acc]
-
-
-def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, **settings):
-    names = settings["names"]
-    param_refs, out_refs = refs[:len(names)], refs[len(names):]
-    n = settings["n"]
-    i, live = block_atoms(n)
-    sums = row_sums(i, live, pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, param_refs,
-                    **settings)
-    for ref, value in zip(out_refs, sums):
-        _pallas.store(ref, jnp.where(live, i, n), value, live)
+    for ref, value in zip(out_refs, acc):
+        _pallas.store(ref, jnp.where(live, i, n), jnp.sum(value, axis=1), live)
