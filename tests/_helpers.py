@@ -43,6 +43,17 @@ def ase_velocity_verlet(batch, steps, dt=5.0, **lj):
     return atoms
 
 
+def assert_matches_ase(state, atoms, energy_rtol=1e-9):
+    """The first system of ``state`` against ASE's ``atoms`` after the same run: positions
+    within 1e-6 Å, velocities 1e-8 Å/fs-units, energy to ``energy_rtol``."""
+    from ase import units
+    n = len(atoms)
+    assert np.abs(np.asarray(state.positions[:n]) - atoms.positions).max() < 1e-6
+    np.testing.assert_allclose(np.asarray(state.velocities[:n]) / units.fs, atoms.get_velocities(),
+                               atol=1e-8)
+    np.testing.assert_allclose(float(state.energy[0]), atoms.get_potential_energy(), rtol=energy_rtol)
+
+
 def mixed_batch(temperature=60.0):
     """Three crystals of 32, 48 and 108 atoms, every fifth atom krypton, atom 3 fixed."""
     rng = np.random.default_rng(1)

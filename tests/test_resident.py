@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ase import units as ase_units
 
 from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, resident
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch, ase_velocity_verlet, mixed_batch
+from _helpers import ARGON, argon_batch, ase_velocity_verlet, assert_matches_ase, mixed_batch
 
 SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells are 10.5 Å wide
 
@@ -45,11 +44,7 @@ def test_matches_ase_velocity_verlet(x64, kernels):
     ours = md.run(batch, chunk_size=40).state
     atoms = ase_velocity_verlet(batch, 60, sigma=ARGON["sigma"], epsilon=ARGON["epsilon"],
                                 rc=ARGON["cutoff"], smooth=False)
-    n = len(atoms)
-    assert np.abs(np.asarray(ours.positions[:n]) - atoms.positions).max() < 1e-6
-    np.testing.assert_allclose(np.asarray(ours.velocities[:n]) / ase_units.fs, atoms.get_velocities(),
-                               atol=1e-8)
-    np.testing.assert_allclose(float(ours.energy[0]), atoms.get_potential_energy(), rtol=1e-9)
+    assert_matches_ase(ours, atoms)
 
 
 def test_matches_engine_on_a_mixed_batch(x64, kernels):
