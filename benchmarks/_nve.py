@@ -18,7 +18,8 @@ import numpy as np
 
 import nvalchemi_jax as nj
 import peers
-from nvalchemi_jax.dynamics import NVE, leapfrog, resident
+from nvalchemi_jax.dynamics import NVE, resident
+from nvalchemi_jax.dynamics.run import fused_paths
 from nvalchemi_jax.models import LennardJones
 
 LJ = dict(sigma=3.40, epsilon=0.0104, cutoff=8.5)
@@ -65,9 +66,8 @@ def ours(positions, cell, velocities, steps, chunk, skin):
 
 def path(md, batch) -> str:
     """How our run steps: resident kernels, the leapfrog path, or the engine."""
-    if resident.plan(md, batch):
-        return "resident"
-    return "leapfrog" if leapfrog.plan(md, batch) else "engine"
+    chosen = fused_paths(md, batch)
+    return "resident" if chosen["resident"] else "leapfrog" if chosen["fused"] else "engine"
 
 
 def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS):

@@ -225,6 +225,14 @@ def hand_over(observers, buffers) -> None:
             hook.on_host(records, np.ones(n, bool), steps[:n])
 
 
+def fused_paths(dyn, batch) -> dict:
+    """Host side: the static chunk options ``resident`` and ``fused`` of :func:`chunk_steps`
+    for this run: resident systems where they qualify, else NVE in leapfrog form, else the
+    engine's scan (both 0 / False)."""
+    resident = plan_resident(dyn, batch)
+    return dict(resident=resident, fused=not resident and leapfrog.plan(dyn, batch))
+
+
 def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, progress=False):
     from nvalchemi_jax.dynamics.base import RunResult
 
@@ -238,9 +246,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
     else:
         dyn.check(batch)
     observers = _observers(dyn)
-    # The fused NVE paths, where the run qualifies: resident systems, else leapfrog steps.
-    path = dict(resident=plan_resident(dyn, batch))
-    path["fused"] = not path["resident"] and leapfrog.plan(dyn, batch)
+    path = fused_paths(dyn, batch)
     bar = _Progress(max_steps, batch) if progress else None
     taken = chunks = regrows = 0
     try:
