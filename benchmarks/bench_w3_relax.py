@@ -7,6 +7,9 @@ the last 0.5 Å (ASE's switch, 8.0 -> 8.5 Å). Rows:
 
 * ``fixed``: one batch of all structures; ``inflight``: a SizeAwareSampler refilling a
   batch of ``--batch-size`` slots every ``--refill`` steps (results to host memory);
+  ``inflight on device``: the same with the dataset on the device and refills decided there
+  every ``--device-refill`` steps (``run(..., on_device=True)``, ``--device-chunk`` steps
+  per compiled call);
 * the same two on a mixed-size set (32-500 atoms), fixed batches in dataset order
   (``--mixed-repeats``: alternating runs of both, and a row of their medians);
 * fused FIRE -> Langevin NVT (1,000 steps at 40 K) on ``--fused-count`` structures;
@@ -113,13 +116,14 @@ def fixed_batches(positions, cells, batch_size, fmax, skin, chunk, max_steps):
     return time.perf_counter() - t0, steps, converged
 
 
-def inflight(positions, cells, batch_size, fmax, skin, refill, atoms_per_slot):
+def inflight(positions, cells, batch_size, fmax, skin, refill, atoms_per_slot, on_device=False, chunk=100):
     items = as_items(positions, cells)
     t0 = time.perf_counter()
     sampler = SizeAwareSampler(items, nj.Capacity(batch_size, batch_size * atoms_per_slot),
                                sizes=[len(p) for p in positions])
     sink = HostMemory()
-    result = relax(fmax, skin).run(sampler=sampler, sinks=[sink], refill_frequency=refill)
+    result = relax(fmax, skin).run(sampler=sampler, sinks=[sink], refill_frequency=refill,
+                                   on_device=on_device, chunk_size=chunk)
     frames = sink.read()
     seconds = time.perf_counter() - t0
     order = np.argsort(frames.sample_id)
@@ -152,6 +156,12 @@ def ours_workloads(a, pos, cells, few, report):
         (pos[:few * 2], cells[:few * 2]), (pos, cells))
     report(summary("inflight", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
                    refill_frequency=a.refill, **extra, **info))
+    # The pool's shape is the dataset's: warmed up on the whole set.
+    (sec, steps, conv, extra), info = timed(
+        lambda q, c: inflight(q, c, a.batch_size, a.fmax, a.skin, a.device_refill, 108, True, a.device_chunk),
+        (pos, cells), (pos, cells))
+    report(summary("inflight on device", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
+                   refill_frequency=a.device_refill, chunk_size=a.device_chunk, **extra, **info))
 
     mixed_set(a, report)
 
@@ -185,7 +195,9 @@ def mixed_set(a, report):
     mean = int(np.ceil(np.mean([len(q) for q in mpos])))
     fixed = lambda q, c: fixed_batches(q, c, a.mixed_batch, a.fmax, a.skin, a.chunk, a.max_steps)
     flying = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, a.refill, int(1.3 * mean))
-    rates = {"fixed batches": [], "inflight": []}
+    on_device = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, a.device_refill, int(1.3 * mean),
+                                      True, a.device_chunk)
+    rates = {"fixed batches": [], "inflight": [], "inflight on device": []}
 
     def run_fixed(r):
         (sec, steps, conv), info = timed(fixed, (mpos, mcells) if r == 0 else None, (mpos, mcells))
@@ -198,20 +210,30 @@ def mixed_set(a, report):
         return summary("inflight", mpos, steps, conv, sec, dataset="mixed 32-500", batch_size=a.mixed_batch,
                        refill_frequency=a.refill, repeat=r, **extra, **info)
 
+    def run_on_device(r):
+        (sec, steps, conv, extra), info = timed(on_device, (mpos, mcells) if r == 0 else None, (mpos, mcells))
+        return summary("inflight on device", mpos, steps, conv, sec, dataset="mixed 32-500",
+                       batch_size=a.mixed_batch, refill_frequency=a.device_refill,
+                       chunk_size=a.device_chunk, repeat=r, **extra, **info)
+
     for r in range(a.mixed_repeats):
-        # Round 0 compiles both (fixed first); later rounds alternate which runs first.
-        order = (run_fixed, run_inflight) if r % 2 == 0 else (run_inflight, run_fixed)
+        # Round 0 compiles all three (fixed first); later rounds reverse the order.
+        order = (run_fixed, run_inflight, run_on_device)
+        order = order if r % 2 == 0 else order[::-1]
         for run in order:
             row = run(r)
             rates[row["mode"]].append(row["structures_per_s"])
             report(row)
     if a.mixed_repeats > 1:
         med = {mode: float(np.median(v)) for mode, v in rates.items()}
-        wins = sum(i > f for i, f in zip(rates["inflight"], rates["fixed batches"]))
+        wins = lambda mode: sum(i > f for i, f in zip(rates[mode], rates["fixed batches"]))
         report({"peer": "nvalchemi-jax", "mode": "mixed medians", "dataset": "mixed 32-500",
                 "repeats": a.mixed_repeats, "fixed_batches_structures_per_s": med["fixed batches"],
                 "inflight_structures_per_s": med["inflight"],
-                "inflight_over_fixed": med["inflight"] / med["fixed batches"], "inflight_wins": wins})
+                "inflight_over_fixed": med["inflight"] / med["fixed batches"], "inflight_wins": wins("inflight"),
+                "inflight_on_device_structures_per_s": med["inflight on device"],
+                "inflight_on_device_over_fixed": med["inflight on device"] / med["fixed batches"],
+                "inflight_on_device_wins": wins("inflight on device")})
 
 
 def main(argv=None):
@@ -219,6 +241,8 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64, help="inflight slots")
     p.add_argument("--refill", type=int, default=10)
+    p.add_argument("--device-refill", type=int, default=5, help="refill frequency of inflight on device")
+    p.add_argument("--device-chunk", type=int, default=100, help="steps per compiled call of inflight on device")
     p.add_argument("--mixed-count", type=int, default=100)
     p.add_argument("--mixed-batch", type=int, default=32)
     p.add_argument("--mixed-repeats", type=int, default=1, help="alternating runs of both on the mixed set")

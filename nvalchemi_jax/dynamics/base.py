@@ -380,7 +380,7 @@ class Dynamics:
     # ------------------------------------------------------------ run
     def run(self, batch: Batch | None = None, state: State | None = None, key: jax.Array | None = None,
             max_steps: int | None = None, chunk_size: int = 100, progress: bool = False,
-            sampler=None, sinks=None, refill_frequency: int = 10):
+            sampler=None, sinks=None, refill_frequency: int = 10, on_device: bool = False):
         """Run compiled chunks of ``chunk_size`` steps until no system is active or
         ``max_steps`` steps were taken (default: ``n_steps``, else 10,000).
 
@@ -392,14 +392,24 @@ class Dynamics:
         and ``sinks=``, runs inflight instead: finished systems go to the sinks and
         their slots are refilled every ``refill_frequency`` steps until the dataset
         is exhausted (see :mod:`nvalchemi_jax.dynamics.inflight`); returns an
-        :class:`~nvalchemi_jax.dynamics.inflight.InflightResult`.
+        :class:`~nvalchemi_jax.dynamics.inflight.InflightResult`. With ``on_device=True``
+        the whole dataset is uploaded once and refills are decided on the device, inside
+        compiled calls of ``chunk_size`` steps (see
+        :mod:`nvalchemi_jax.dynamics.device_inflight`): no host work between periods, so
+        ``refill_frequency`` can be small; frames reach the sinks when the run ends.
         """
         if sampler is not None:
-            from nvalchemi_jax.dynamics.inflight import run_inflight
             if batch is not None or state is not None:
                 raise ValueError("run(sampler=...) builds its own batch; do not pass batch or state")
+            if on_device:
+                from nvalchemi_jax.dynamics.device_inflight import run_on_device
+                return run_on_device(self, sampler, sinks, key=key, refill_frequency=refill_frequency,
+                                     max_steps=max_steps, progress=progress, chunk_size=chunk_size)
+            from nvalchemi_jax.dynamics.inflight import run_inflight
             return run_inflight(self, sampler, sinks, key=key, refill_frequency=refill_frequency,
                                 max_steps=max_steps, progress=progress)
+        if on_device:
+            raise ValueError("run(on_device=True) is for inflight runs: pass a sampler and sinks")
         if batch is None:
             raise ValueError("run needs a batch (or a sampler and sinks)")
         from nvalchemi_jax.dynamics.run import run_loop

@@ -70,11 +70,9 @@ class InflightResult:
     padding_efficiency: float
 
 
-# Launched with the next chunk from the same worker: compiled like the chunks, so that its
-# neighbor-list rebuild (a conditional) does not hold the launch up on a GPU.
-@functools.partial(jax.jit, compiler_options=CHUNK_COMPILER_OPTIONS)
-def refill(dyn, state, old, batch, freed, new):
-    """The state for ``batch`` (the refilled batch, built on the host): ``freed (S,)`` slots
+def refill_state(dyn, state, old, batch, freed, new):
+    """The state for ``batch`` (the refilled batch, built on the host or, in
+    :mod:`~nvalchemi_jax.dynamics.device_inflight`, on the device): ``freed (S,)`` slots
     of ``old`` cleared, ``new (S,)`` slots started. Fixed shapes: never recompiles.
     The new systems' neighbor rows may overflow the list: the next chunk's flags tell."""
     n_atoms = batch.num_atoms
@@ -95,6 +93,11 @@ def refill(dyn, state, old, batch, freed, new):
     state = dyn.compute(state, batch)
     state = state.replace(previous_energy=jnp.where(new, jnp.inf, state.previous_energy))
     return dyn._mark_failures(state, state, batch, new)
+
+
+# Launched with the next chunk from the same worker: compiled like the chunks, so that its
+# neighbor-list rebuild (a conditional) does not hold the launch up on a GPU.
+refill = jax.jit(refill_state, compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
 def refilled_batch(host: Batch, freed: np.ndarray, systems: list[dict], slots: np.ndarray,

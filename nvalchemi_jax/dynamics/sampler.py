@@ -108,6 +108,18 @@ class SizeAwareSampler:
         self.handed_out += len(chosen)
         return chosen
 
+    def take_all(self) -> list[int]:
+        """Every pending dataset index, in order (for runs that hold the whole dataset)."""
+        chosen, self._pending = self._pending, []
+        self.handed_out += len(chosen)
+        return chosen
+
+    def give_back(self, indices: list[int]) -> None:
+        """Return samples that were taken but never started to the front of the queue."""
+        indices = [int(i) for i in indices]
+        self._pending = indices + self._pending
+        self.handed_out -= len(indices)
+
     def prefetch(self, count: int) -> None:
         """Read and validate the next ``count`` pending samples ahead of :meth:`systems`
         (the inflight loop calls this while the device runs a chunk, so the work
