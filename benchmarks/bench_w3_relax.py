@@ -147,6 +147,9 @@ def timed(fn, warm_args, args):
 
 def ours_workloads(a, pos, cells, few, report):
     """Our rows: argon108 fixed and inflight, the mixed set both ways, the fused stage."""
+    if a.mixed_only:
+        mixed_set(a, report)
+        return
     (sec, steps, conv), info = timed(
         lambda q, c: fixed_batches(q, c, len(q), a.fmax, a.skin, a.chunk, a.max_steps),
         (pos, cells), (pos, cells))
@@ -244,6 +247,7 @@ def main(argv=None):
     p.add_argument("--device-refill", type=int, default=5, help="refill frequency of inflight on device")
     p.add_argument("--device-chunk", type=int, default=100, help="steps per compiled call of inflight on device")
     p.add_argument("--mixed-count", type=int, default=100)
+    p.add_argument("--mixed-only", action="store_true", help="of our rows, only the mixed set's")
     p.add_argument("--mixed-batch", type=int, default=32)
     p.add_argument("--mixed-repeats", type=int, default=1, help="alternating runs of both on the mixed set")
     p.add_argument("--fused-count", type=int, default=32)
