@@ -8,7 +8,7 @@ the last 0.5 Å (ASE's switch, 8.0 -> 8.5 Å). Rows:
 * ``fixed``: one batch of all structures; ``inflight``: a SizeAwareSampler refilling a
   batch of ``--batch-size`` slots every ``--refill`` steps (results to host memory);
   ``inflight on device``: the same with the dataset on the device and refills decided there
-  every ``--device-refill`` steps (``run(..., on_device=True)``, ``--device-chunk`` steps
+  every ``--device-refill`` steps (several values: a row each) (``run(..., on_device=True)``, ``--device-chunk`` steps
   per compiled call);
 * the same two on a mixed-size set (32-500 atoms), fixed batches in dataset order
   (``--mixed-repeats``: alternating runs of both, and a row of their medians);
@@ -160,11 +160,12 @@ def ours_workloads(a, pos, cells, few, report):
     report(summary("inflight", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
                    refill_frequency=a.refill, **extra, **info))
     # The pool's shape is the dataset's: warmed up on the whole set.
-    (sec, steps, conv, extra), info = timed(
-        lambda q, c: inflight(q, c, a.batch_size, a.fmax, a.skin, a.device_refill, 108, True, a.device_chunk),
-        (pos, cells), (pos, cells))
-    report(summary("inflight on device", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
-                   refill_frequency=a.device_refill, chunk_size=a.device_chunk, **extra, **info))
+    for every in a.device_refill:
+        (sec, steps, conv, extra), info = timed(
+            lambda q, c: inflight(q, c, a.batch_size, a.fmax, a.skin, every, 108, True, a.device_chunk),
+            (pos, cells), (pos, cells))
+        report(summary("inflight on device", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
+                       refill_frequency=every, chunk_size=a.device_chunk, **extra, **info))
 
     mixed_set(a, report)
 
@@ -191,52 +192,54 @@ def ours_workloads(a, pos, cells, few, report):
 
 
 def mixed_set(a, report):
-    """The mixed-size set, fixed batches and inflight, ``--mixed-repeats`` rounds, which of the
-    two runs first alternating (one run of each has been seen to swap places with the
-    other); with several, a row of the medians and how often inflight won."""
+    """The mixed-size set: fixed batches, inflight, and inflight on device at each
+    ``--device-refill``, ``--mixed-repeats`` rounds, the order reversed every other round
+    (one run of each has been seen to swap places with the other); with several rounds, a
+    row of the medians and how often each inflight mode beat fixed batches."""
     mpos, mcells = mixed_inputs(a.mixed_count)
     mean = int(np.ceil(np.mean([len(q) for q in mpos])))
     fixed = lambda q, c: fixed_batches(q, c, a.mixed_batch, a.fmax, a.skin, a.chunk, a.max_steps)
     flying = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, a.refill, int(1.3 * mean))
-    on_device = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, a.device_refill, int(1.3 * mean),
-                                      True, a.device_chunk)
-    rates = {"fixed batches": [], "inflight": [], "inflight on device": []}
+    rates = {}
 
     def run_fixed(r):
         (sec, steps, conv), info = timed(fixed, (mpos, mcells) if r == 0 else None, (mpos, mcells))
-        return summary("fixed batches", mpos, steps, conv, sec, dataset="mixed 32-500",
-                       batch_size=a.mixed_batch, repeat=r, **info)
+        return "fixed batches", summary("fixed batches", mpos, steps, conv, sec, dataset="mixed 32-500",
+                                        batch_size=a.mixed_batch, repeat=r, **info)
 
     def run_inflight(r):
         warm = (mpos[:a.mixed_batch * 2], mcells[:a.mixed_batch * 2]) if r == 0 else None
         (sec, steps, conv, extra), info = timed(flying, warm, (mpos, mcells))
-        return summary("inflight", mpos, steps, conv, sec, dataset="mixed 32-500", batch_size=a.mixed_batch,
-                       refill_frequency=a.refill, repeat=r, **extra, **info)
+        return "inflight", summary("inflight", mpos, steps, conv, sec, dataset="mixed 32-500",
+                                   batch_size=a.mixed_batch, refill_frequency=a.refill, repeat=r, **extra, **info)
 
-    def run_on_device(r):
-        (sec, steps, conv, extra), info = timed(on_device, (mpos, mcells) if r == 0 else None, (mpos, mcells))
-        return summary("inflight on device", mpos, steps, conv, sec, dataset="mixed 32-500",
-                       batch_size=a.mixed_batch, refill_frequency=a.device_refill,
-                       chunk_size=a.device_chunk, repeat=r, **extra, **info)
+    def device_run(every):
+        def run(r):
+            go = lambda q, c: inflight(q, c, a.mixed_batch, a.fmax, a.skin, every, int(1.3 * mean), True,
+                                       a.device_chunk)
+            (sec, steps, conv, extra), info = timed(go, (mpos, mcells) if r == 0 else None, (mpos, mcells))
+            return f"inflight on device {every}", summary(
+                "inflight on device", mpos, steps, conv, sec, dataset="mixed 32-500", batch_size=a.mixed_batch,
+                refill_frequency=every, chunk_size=a.device_chunk, repeat=r, **extra, **info)
+        return run
 
     for r in range(a.mixed_repeats):
-        # Round 0 compiles all three (fixed first); later rounds reverse the order.
-        order = (run_fixed, run_inflight, run_on_device)
-        order = order if r % 2 == 0 else order[::-1]
-        for run in order:
-            row = run(r)
-            rates[row["mode"]].append(row["structures_per_s"])
+        # Round 0 compiles each (fixed first); later rounds reverse the order.
+        order = [run_fixed, run_inflight] + [device_run(every) for every in a.device_refill]
+        for run in (order if r % 2 == 0 else order[::-1]):
+            key, row = run(r)
+            rates.setdefault(key, []).append(row["structures_per_s"])
             report(row)
     if a.mixed_repeats > 1:
-        med = {mode: float(np.median(v)) for mode, v in rates.items()}
-        wins = lambda mode: sum(i > f for i, f in zip(rates[mode], rates["fixed batches"]))
-        report({"peer": "nvalchemi-jax", "mode": "mixed medians", "dataset": "mixed 32-500",
-                "repeats": a.mixed_repeats, "fixed_batches_structures_per_s": med["fixed batches"],
-                "inflight_structures_per_s": med["inflight"],
-                "inflight_over_fixed": med["inflight"] / med["fixed batches"], "inflight_wins": wins("inflight"),
-                "inflight_on_device_structures_per_s": med["inflight on device"],
-                "inflight_on_device_over_fixed": med["inflight on device"] / med["fixed batches"],
-                "inflight_on_device_wins": wins("inflight on device")})
+        fixed_rates = rates.pop("fixed batches")
+        row = {"peer": "nvalchemi-jax", "mode": "mixed medians", "dataset": "mixed 32-500",
+               "repeats": a.mixed_repeats, "fixed_batches_structures_per_s": float(np.median(fixed_rates))}
+        for key, values in rates.items():
+            name = key.replace(" ", "_")
+            row[f"{name}_structures_per_s"] = float(np.median(values))
+            row[f"{name}_over_fixed"] = float(np.median(values) / np.median(fixed_rates))
+            row[f"{name}_wins"] = int(sum(v > f for v, f in zip(values, fixed_rates)))
+        report(row)
 
 
 def main(argv=None):
@@ -244,7 +247,8 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64, help="inflight slots")
     p.add_argument("--refill", type=int, default=10)
-    p.add_argument("--device-refill", type=int, default=5, help="refill frequency of inflight on device")
+    p.add_argument("--device-refill", type=int, nargs="*", default=[10],
+                   help="refill frequencies of inflight on device (a row each)")
     p.add_argument("--device-chunk", type=int, default=100, help="steps per compiled call of inflight on device")
     p.add_argument("--mixed-count", type=int, default=100)
     p.add_argument("--mixed-only", action="store_true", help="of our rows, only the mixed set's")

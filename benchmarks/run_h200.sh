@@ -13,8 +13,7 @@
 #   leapfrog        W2 by the leapfrog path against the engine, alternating rounds, and a
 #                   kernel table of its step
 #   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
-#   w3-device       W3 with inflight on device
-#   w3-device-refills  the mixed set with inflight on device at other refill frequencies
+#   w3-device       W3 with inflight on device at three refill frequencies
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
@@ -60,14 +59,9 @@ case $part in
     run w4_hooks 100 bench_w4_hooks.py --batches 1024 --steps 1000 --repeats 5
     run w5_compile 60 bench_w5_compile.py --count 600 --batch-size 128
     run profile_step_methods 100 profile_step.py --batches 1024 4096 --skin 1.0 --method cell_list ;;
-  w3-device)   # W3 with inflight on device (refills every 5 steps)
-    run w3_device 280 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --device-refill 5 \
+  w3-device)   # W3 with inflight on device at three refill frequencies
+    run w3_device 280 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --device-refill 5 10 20 \
       --mixed-count 1000 --mixed-batch 128 --mixed-repeats 5 --fused-count 0 --peers ;;
-  w3-device-refills)   # the mixed set with inflight on device refilling every 2 and 10 steps
-    for every in 2 10; do
-      run w3_device_mixed_refill$every 150 bench_w3_relax.py --mixed-only --refill 20 --device-refill $every \
-        --mixed-count 1000 --mixed-batch 128 --mixed-repeats 3 --peers
-    done ;;
   part2-peers)   # nvalchemi warms up on the timed inputs too: each run can take twice as long
     run w3_relax_peers_fixed 250 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:fixed ase --ase-count 10

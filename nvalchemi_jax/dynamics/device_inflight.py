@@ -240,6 +240,31 @@ def _frames(results: Results, pool_host, sizes) -> Frames:
         offsets=np.concatenate([[0], np.cumsum(sizes[chosen])]).astype(np.int64))
 
 
+def start(dyn, sampler, indices, key=None, min_distance: float | None = 0.5):
+    """The pool of the samples ``indices`` of ``sampler``, the first batch (the longest
+    prefix that fits, as every refill takes them) and its state: ``(state, slots, pool,
+    starts, sizes)``."""
+    if not indices:
+        raise ValueError("the sampler has no samples left")
+    systems = sampler.systems(indices)
+    sizes = _validation.sizes_of(systems)
+    capacity = sampler.capacity
+    first = int(min(capacity.num_systems, np.searchsorted(np.cumsum(sizes), capacity.num_atoms, "right")))
+    batch = Batch._pack(systems[:first], capacity)
+    pool, starts = _pool(systems)
+    if min_distance is not None:
+        _validation.check_close_atoms(pool, min_distance, "error")
+    state = dyn.init(batch, key)
+    n_first = int(sizes[:first].sum())
+    source = np.full(capacity.num_systems, -1, np.int32)
+    source[:first] = np.arange(first)
+    pool_atom = np.full(capacity.num_atoms, -1, np.int32)
+    pool_atom[:n_first] = np.arange(n_first)
+    slots = Slots(batch=batch, source=jnp.asarray(source), pool_atom=jnp.asarray(pool_atom),
+                  cursor=jnp.int32(first), results=_empty_results(pool, batch.positions.dtype))
+    return state, slots, pool, jnp.asarray(starts), sizes
+
+
 def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_steps: int | None = None,
                   progress: bool = False, min_distance: float | None = 0.5,
                   chunk_size: int = 100) -> InflightResult:
@@ -254,31 +279,13 @@ def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max
         raise ValueError("an inflight run needs at least one sink")
     t0 = time.perf_counter()
     indices = sampler.take_all()
-    if not indices:
-        raise ValueError("the sampler has no samples left")
-    systems = sampler.systems(indices)
-    sizes = _validation.sizes_of(systems)
-    capacity = sampler.capacity
-    # The first batch: the longest prefix that fits (as every refill takes them).
-    first = int(min(capacity.num_systems, np.searchsorted(np.cumsum(sizes), capacity.num_atoms, "right")))
-    batch = Batch._pack(systems[:first], capacity)
-    pool, starts = _pool(systems)
-    if min_distance is not None:
-        _validation.check_close_atoms(pool, min_distance, "error")
-    state = dyn.init(batch, key)
-    n_first = int(sizes[:first].sum())
-    source = np.full(capacity.num_systems, -1, np.int32)
-    source[:first] = np.arange(first)
-    pool_atom = np.full(capacity.num_atoms, -1, np.int32)
-    pool_atom[:n_first] = np.arange(n_first)
-    slots = Slots(batch=batch, source=jnp.asarray(source), pool_atom=jnp.asarray(pool_atom),
-                  cursor=jnp.int32(first), results=_empty_results(pool, batch.positions.dtype))
-    starts, count = jnp.asarray(starts), jnp.int32(len(sizes))
+    state, slots, pool, starts, sizes = start(dyn, sampler, indices, key, min_distance)
+    count = jnp.int32(len(sizes))
     remaining = UNLIMITED if max_steps is None else int(max_steps)
     budget = jnp.int32(remaining)
     observers = _observers(dyn)
     periods = -(-chunk_size // refill_frequency)
-    bar = _Progress(len(sizes), batch, unit="samples") if progress else None
+    bar = _Progress(len(sizes), slots.batch, unit="samples") if progress else None
     taken = chunks = refills = regrows = 0
     occupancy = padding = 0.0
     try:
