@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-systems", type=int, help="batch capacity: systems")
     p.add_argument("--capacity-atoms", type=int, help="batch capacity: atoms")
     p.add_argument("--refill-frequency", type=int)
+    p.add_argument("--on-device", action="store_true", default=None,
+                   help="upload the dataset once and decide refills on the device")
     p.add_argument("--rows", type=int, default=12, help="rows of the evaluate table")
     p.add_argument("--x64", action="store_true", help="compute in float64")
     p.add_argument("--no-progress", action="store_true")
@@ -48,7 +50,8 @@ def _overrides(args) -> dict:
     data = {k: v for k, v in (("systems", args.systems), ("min_atoms", args.min_atoms),
                               ("max_atoms", args.max_atoms), ("seed", args.seed)) if v is not None}
     run = {k: v for k, v in (("output", args.output), ("max_systems", args.max_systems),
-                             ("max_atoms", args.capacity_atoms), ("refill_frequency", args.refill_frequency))
+                             ("max_atoms", args.capacity_atoms), ("refill_frequency", args.refill_frequency),
+                             ("on_device", args.on_device))
            if v is not None}
     return {"data": data, "run": run}
 
@@ -80,7 +83,8 @@ def run_workflow(config: dict, scale: float = 1.0, progress: bool = True) -> dic
     sink = ZarrData(run_cfg["output"])
     before = len(sink)
     result = dyn.run(sampler=sampler, sinks=[sink], refill_frequency=int(run_cfg["refill_frequency"]),
-                     max_steps=run_cfg.get("max_steps"), progress=progress)
+                     max_steps=run_cfg.get("max_steps"), progress=progress,
+                     on_device=bool(run_cfg.get("on_device", False)))
     seconds = time.perf_counter() - t0
     atoms = int(sum(len(d["atomic_numbers"]) for d in dataset))
     summary = {

@@ -29,6 +29,7 @@ friction = 0.01
 max_systems = 256           # capacity
 max_atoms = 32768
 refill_frequency = 10
+on_device = false           # true: the dataset on the device, refills decided there
 output = "relaxed_then_md.zarr"
 ```
 """
@@ -45,7 +46,7 @@ DEFAULT: dict[str, Any] = {
     "stages": [{"kind": "fire", "fmax": 0.05},
                {"kind": "nvt_langevin", "steps": 300, "dt": 5.0, "temperature": 60.0, "friction": 0.01}],
     "run": {"max_systems": 256, "max_atoms": 32768, "refill_frequency": 10, "output": "relaxed_then_md.zarr",
-            "max_steps": None},
+            "max_steps": None, "on_device": False},
 }
 
 

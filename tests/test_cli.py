@@ -57,3 +57,23 @@ def test_console_script_exit_status_and_workflow(tmp_path):
                              "--no-progress"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(zarr.open_group(str(out), mode="r")["sample_id"][:].tolist()) == [0, 1, 2]
+
+
+def test_workflow_on_device_writes_every_system(tmp_path):
+    """``on_device = true`` in [run] (``--on-device``): the same workflow with refills decided
+    on the device writes every system, with both stages done."""
+    import zarr
+
+    from nvalchemi_jax import workflow
+    from nvalchemi_jax.cli import run_workflow
+
+    out = tmp_path / "out.zarr"
+    config = workflow.load(overrides={
+        "data": {"systems": 5, "max_atoms": 64},
+        "run": {"max_systems": 2, "max_atoms": 256, "on_device": True, "output": str(out)},
+        "stages": [{"kind": "fire", "fmax": 0.1}, {"kind": "nve", "steps": 5}]})
+    summary = run_workflow(config, progress=False)
+    assert summary["written"] == 5 and summary["failed"] == 0
+    group = zarr.open_group(str(out), mode="r")
+    assert sorted(group["sample_id"][:].tolist()) == [0, 1, 2, 3, 4]
+    assert set(group["status"][:].tolist()) == {2}
