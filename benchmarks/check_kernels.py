@@ -106,7 +106,8 @@ def check_path(name, batch, steps, path):
     err = float(np.abs(f1 - f0).max() / np.abs(f0).max())
     dx = float(np.abs(x1 - x0).max())
     de = float(np.abs(e1 - e0).max() / np.abs(e0).max())
-    return {"case": name, "method": path, "planned": planned, "steps": steps,
+    parts = resident.parts_for(batch.num_systems, planned) if path == "resident" and planned else 0
+    return {"case": name, "method": path, "planned": planned, "parts": parts, "steps": steps,
             "rebuilds": [int(r1.max()), int(r0.max())],
             "force_max_rel_err": err, "positions_max_abs_diff": dx, "energy_max_rel_diff": de,
             "ok": bool(planned > 0 and err < 1e-5 and dx < 1e-4 and de < 1e-4)}
@@ -123,6 +124,7 @@ def main(argv=None):
             check("W1 4 x 256", batch_of(*nve_inputs(4, 4)), "all_pairs", "packed"),
             check("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), "cell_list", "packed"),
             check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "resident"),
+            check_path("W1 1 x 256", batch_of(*nve_inputs(1, 4)), 50, "resident"),
             check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "leapfrog"),
             check_path("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), 50, "leapfrog")]
     if before is None:

@@ -14,6 +14,7 @@
 #                   kernel table of its step
 #   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
 #   w3-device       W3 with inflight on device at three refill frequencies
+#   split           W1 at B = 1, 4, 64: resident systems split over programs vs not, alternating
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
@@ -62,6 +63,16 @@ case $part in
   w3-device)   # W3 with inflight on device at three refill frequencies
     run w3_device 280 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --device-refill 5 10 20 \
       --mixed-count 1000 --mixed-batch 128 --mixed-repeats 5 --fused-count 0 --peers ;;
+  split)   # W1 with small batches: resident systems split over several programs, against unsplit
+    for round in 1 2; do
+      for parts in "" 0; do
+        NVALCHEMI_JAX_RESIDENT_PARTS=$parts run w1_split_tmp 100 bench_w1_batched.py --batches 1 4 64 \
+          --steps 1000 --chunk 500 --peers
+        sed "s/^{/{\"parts_env\": \"${parts:-auto}\", \"round\": $round, /" \
+          "$out/w1_split_tmp_h200_$day.jsonl" >> "$out/w1_split_ab_h200_$day.jsonl"
+        rm -f "$out/w1_split_tmp_h200_$day.jsonl"
+      done
+    done ;;
   part2-peers)   # nvalchemi warms up on the timed inputs too: each run can take twice as long
     run w3_relax_peers_fixed 250 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:fixed ase --ase-count 10

@@ -46,15 +46,20 @@ def spare(interpret: bool) -> int:
 
 
 def call(kernel, out_shape, grid: int, num_warps: int, name: str, interpret: bool,
-         num_stages: int = 1):
-    """``pl.pallas_call`` on a 1-D grid."""
+         num_stages: int = 1, aliases: dict | None = None):
+    """``pl.pallas_call`` on a 1-D grid; ``aliases``: ``{input index: output index}``."""
     from jax.experimental import pallas as pl
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), compiler_params=params,
-                          interpret=interpret, name=name)
+                          interpret=interpret, name=name, input_output_aliases=aliases or {})
+
+
+def multiprocessors() -> int:
+    """Streaming multiprocessors of the default GPU (0 when unknown or not a GPU)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 0) if on_gpu() else 0
 
 
 def load(ref, index, mask, other):

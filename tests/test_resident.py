@@ -70,6 +70,34 @@ def test_matches_engine_on_a_mixed_batch(x64, kernels):
                                   np.asarray(batch.positions)[pinned])
 
 
+def test_split_kernel_matches_engine(x64, kernels):
+    """The kernel that splits a system over several programs (for few systems on a GPU),
+    with one part, as Pallas' interpreter runs it (its barrier needs the programs to run
+    at once; the GPU check is benchmarks/check_kernels.py): the same states as the engine."""
+    kernels.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "1")
+    batch = mixed_batch()
+    model = LennardJones(**SHORT, shift=True, species=None)
+    batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
+    md = NVE(model=model, dt=4.0, n_steps=9)
+    fast, slow = run_both(kernels, md, batch, chunk_size=4)
+    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
+        np.testing.assert_allclose(np.asarray(getattr(fast.state, name)),
+                                   np.asarray(getattr(slow.state, name)), rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+    assert fast.steps == slow.steps == 9
+
+
+def test_parts_per_system(monkeypatch):
+    """As many programs per system as keep the whole grid on an H200's 132 multiprocessors
+    at once, with at least 16 rows each; one off GPUs."""
+    monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT_PARTS", raising=False)
+    monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 132)
+    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [16, 16, 2, 2, 1, 1]
+    assert resident.parts_for(1, 32) == 2
+    monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 0)
+    assert resident.parts_for(1, 256) == 1
+
+
 def test_a_failing_system_leaves_the_others(x64, kernels):
     """A non-finite velocity in system 1 fails it (named reason, reset to the chunk's start);
     systems 0 and 2 run on exactly as the engine runs them."""

@@ -47,6 +47,14 @@ COLS = 16
 NUM_WARPS = 8
 #: Smallest padded system (a power of two, as Triton's tiles are).
 MIN_WIDTH = 32
+#: Few systems leave most of the GPU idle (one program each): then each system is split
+#: over several programs (see :func:`parts_for`) of at least SPLIT_ROWS atoms' forces each.
+SPLIT_ROWS = 16
+SPLIT_WARPS = 4
+#: Spin-wait iterations of a split system's per-step barrier before it gives up (~1 s; its
+#: programs could only wait that long if they were not all running at once, which
+#: :func:`parts_for` rules out): the system then ends non-finite and is failed.
+MAX_SPIN = 1 << 21
 
 
 def enabled() -> bool:
@@ -88,6 +96,21 @@ def plan(dyn, batch: Batch) -> int:
     if not (widths >= 2.0 * float(dyn.model.cutoff)).all():
         return 0
     return max(MIN_WIDTH, 1 << int(n_atoms.max() - 1).bit_length())
+
+
+def parts_for(num_systems: int, width: int) -> int:
+    """Programs per system (a power of two): as many as keep every program of the grid
+    running at once (one per multiprocessor) with at least ``SPLIT_ROWS`` rows each; 1 off
+    GPUs. ``NVALCHEMI_JAX_RESIDENT_PARTS`` overrides it: 0 never splits, 1 runs the split
+    kernel with one part (tests: Pallas' interpreter runs programs one after another)."""
+    forced = os.environ.get("NVALCHEMI_JAX_RESIDENT_PARTS")
+    if forced:
+        return max(1, int(forced))
+    sms = _pallas.multiprocessors()
+    parts = 1
+    while 2 * parts * num_systems <= sms and width // (2 * parts) >= SPLIT_ROWS:
+        parts *= 2
+    return parts
 
 
 def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
@@ -136,10 +159,14 @@ def steps(dyn, state, batch: Batch, limit, width: int):
     planar = lambda x: jnp.where(present[..., None], x[at], 0.0).transpose(0, 2, 1).reshape(-1)
     params = {name: symmetric(v) for name, v in model.pair_parameters().items()}
     num_species = 1 if species is None else int(np.max(species)) + 1
-    x, v, f, energy, previous = call(
-        model.pair_term, float(model.cutoff), params, num_species, planar(state.positions),
-        planar(state.velocities), planar(state.forces), kind.reshape(-1), inv_mass.reshape(-1),
-        state.cell, state.stage.system["dt"], count, state.energy, width)
+    parts = parts_for(batch.num_systems, width)
+    args = (model.pair_term, float(model.cutoff), params, num_species, planar(state.positions),
+            planar(state.velocities), planar(state.forces), kind.reshape(-1), inv_mass.reshape(-1),
+            state.cell, state.stage.system["dt"], count, state.energy, width)
+    if parts > 1 or os.environ.get("NVALCHEMI_JAX_RESIDENT_PARTS") == "1":
+        x, v, f, energy, previous = call_split(*args, parts=parts)
+    else:
+        x, v, f, energy, previous = call(*args)
 
     back = lambda flat, old: old.at[table.reshape(-1)].set(
         flat.reshape(-1, 3, width).transpose(0, 2, 1).reshape(-1, 3), mode="drop")
@@ -284,6 +311,151 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
     del f
     eo_ref[system] = energy
     ep_ref[system] = previous
+
+
+def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, count, energy,
+               width, parts, interpret=None):
+    """:func:`call` with each system split over ``parts`` programs (see :func:`_split_kernel`)."""
+    from nvalchemi_jax.models.pair_kernel import _parameter_refs
+    s = cell.shape[0]
+    dtype = x.dtype
+    names, flat, is_table = _parameter_refs(params, num_species)
+    flat = [p.astype(dtype) for p in flat]
+    cell = cell.astype(dtype)
+    inverse = jnp.linalg.inv(cell)
+    interpret = _pallas.interpreted(interpret)
+    extra = _pallas.spare(interpret)
+    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=min(COLS, width), term=term,
+                               names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
+                               num_species=num_species, dtype=dtype, interpret=interpret)
+    n = x.shape[0]
+    shape = lambda size, dt=dtype: jax.ShapeDtypeStruct((size + extra,), dt)
+    out_shape = [shape(n), shape(n), shape(n), shape(s * parts * 2), shape(n * parts), shape(n * parts),
+                 shape(2 * n), shape(s, jnp.int32)]
+    run = _pallas.call(kernel, out_shape, s * parts, SPLIT_WARPS, "resident_nve_split", interpret,
+                       aliases={10: 7})
+    counter = jnp.zeros((s + extra,), jnp.int32)
+    outs = run(x, v, f, kind, inv_mass, cell.reshape(-1), inverse.reshape(-1), dt.astype(dtype),
+               count, energy.astype(dtype), counter, *flat)
+    partial = outs[3][:s * parts * 2].reshape(s, parts, 2).sum(axis=1)
+    # A system that moved ends at the sum of its programs' energies; one that took a single
+    # step was at its input energy before it.
+    energy = energy.astype(dtype)
+    last = jnp.where(count > 0, partial[:, 0], energy)
+    before = jnp.where(count > 1, partial[:, 1], energy)
+    return outs[0][:n], outs[1][:n], outs[2][:n], last, before
+
+
+def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, count_ref, e_ref,
+                  counter_in, *refs, width, parts, cols, term, names, is_table, rc2, num_species, dtype,
+                  interpret):
+    """:func:`_kernel` for few systems: program ``p`` of a system evaluates the forces on its
+    ``width / parts`` rows against every atom, writes them to a shared buffer, and waits at a
+    barrier for the system's other programs (an atomic counter in global memory, spun on
+    with atomics, which read through to L2); then every program reads all forces (loads that
+    bypass L1, where another program's writes could be stale) and integrates the whole
+    system itself, so all of them hold the same positions without exchanging them. One
+    barrier per step; the forces buffer alternates between two halves by step, so a program
+    that runs ahead cannot overwrite forces another one still reads."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    param_refs = refs[:len(names)]
+    xo_ref, vo_ref, fo_ref, eo_ref, xs_ref, ss_ref, fx_ref, counter = refs[len(names):]
+    del counter_in          # the same buffer as `counter` (aliased), zeros at the start
+    program = pl.program_id(0)
+    system, part = program // parts, program % parts
+    rows = width // parts
+    lanes = jnp.arange(width, dtype=jnp.int32)
+    atoms = part * rows + jnp.arange(rows, dtype=jnp.int32)          # this program's rows
+    base = system * 3 * width
+    own = program * 3 * width                                         # its scratch copy
+    comp = lambda ref, a: ref[base + a * width + lanes]
+    kind = kind_ref[system * width + lanes]
+    present = kind >= 0
+    inv_mass = im_ref[system * width + lanes]
+    kind_i = kind_ref[system * width + atoms][:, None]
+    mobile_i = im_ref[system * width + atoms] > 0
+    cell = [[cell_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    inverse = [[inv_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    dt = dt_ref[system]
+    scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
+    barrier = (lambda: None) if interpret else _barrier
+    put = lambda ref, index, value: _pallas.store(ref, index, value, jnp.ones(index.shape, bool))
+
+    def fractional(x):
+        return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
+
+    def block(b, acc):
+        partners = b * cols + jnp.arange(cols, dtype=jnp.int32)
+        x_i = [xs_ref[own + a * width + atoms][:, None] for a in range(3)]
+        s_i = [ss_ref[own + a * width + atoms][:, None] for a in range(3)]
+        x_j = [xs_ref[own + a * width + partners][None, :] for a in range(3)]
+        s_j = [ss_ref[own + a * width + partners][None, :] for a in range(3)]
+        kind_j = kind_ref[system * width + partners][None, :]
+        n = [jnp.floor(s_j[c] - s_i[c] + 0.5) for c in range(3)]     # as in _kernel
+        d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
+             for a in range(3)]
+        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+        pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != partners[None, :]) & (r2 < rc2)
+        r2 = jnp.where(pair, r2, rc2)
+        p = dict(scalars)
+        if len(scalars) < len(names):
+            index = jnp.where(pair, kind_i * num_species + kind_j, 0)
+            for name, ref, table in zip(names, param_refs, is_table):
+                if table:
+                    p[name] = ref[index]
+        phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
+        dphi = jnp.where(pair, dphi, 0.0)
+        return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(acc[1 + a] + dphi * d[a] for a in range(3))
+
+    def arrive_and_wait(t):
+        """The system's barrier of step ``t``: True if it gave up waiting."""
+        if interpret:       # one part there (programs run one after another; no atomics)
+            return jnp.zeros((), bool)
+        target = (t + 1) * parts
+        seen = plgpu.atomic_add(counter, system, jnp.int32(1)) + 1
+        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN)
+        spin = lambda c: (plgpu.atomic_add(counter, system, jnp.int32(0)), c[1] + 1)
+        seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
+        return seen < target
+
+    def step(t, carry):
+        x, v, f, energy, previous, stuck = carry
+        v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
+        x = [x[a] + dt * v[a] for a in range(3)]
+        frac = fractional(x)
+        for a in range(3):
+            put(xs_ref, own + a * width + lanes, x[a])
+            put(ss_ref, own + a * width + lanes, frac[a])
+        barrier()
+        zero = jnp.zeros((rows, cols), dtype)
+        acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
+        half = (system * 2 + t % 2) * 3 * width
+        for a in range(3):
+            put(fx_ref, half + a * width + atoms, jnp.where(mobile_i, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0))
+        barrier()           # every thread's rows are written before the program arrives
+        late = arrive_and_wait(t)
+        f = [plgpu.load(fx_ref.at[half + a * width + lanes], cache_modifier=".cg") for a in range(3)]
+        v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
+        return x, v, f, 0.5 * jnp.sum(acc[0]), energy, stuck | late
+
+    x = [comp(x_ref, a) for a in range(3)]
+    v = [comp(v_ref, a) for a in range(3)]
+    f = [comp(f_ref, a) for a in range(3)]
+    zero = jnp.zeros((), dtype)
+    x, v, f, energy, previous, stuck = jax.lax.fori_loop(
+        0, count_ref[system], step, (x, v, f, zero, zero, jnp.zeros((), bool)))
+    nan = jnp.asarray(jnp.nan, dtype)
+    # Every program holds the same system; the first writes it out.
+    mine = jnp.full((width,), part == 0)
+    spare = xo_ref.shape[0] - 1 if interpret else 0       # where the interpreter writes masked lanes
+    for a in range(3):
+        index = jnp.where(mine, base + a * width + lanes, spare)
+        _pallas.store(xo_ref, index, jnp.where(stuck, nan, jnp.where(present, x[a], 0.0)), mine)
+        _pallas.store(vo_ref, index, v[a], mine)
+        _pallas.store(fo_ref, index, f[a], mine)
+    eo_ref[program * 2] = energy
+    eo_ref[program * 2 + 1] = previous
 
 
 def _barrier():
