@@ -352,8 +352,8 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
     """:func:`_kernel` for few systems: program ``p`` of a system evaluates the forces on its
     ``width / parts`` rows against every atom, writes them to a shared buffer, and waits at a
     barrier for the system's other programs (an atomic counter in global memory, spun on
-    with atomics, which read through to L2); then every program reads all forces (loads that
-    bypass L1, where another program's writes could be stale) and integrates the whole
+    with atomics, which read through to L2); then every program reads all forces (volatile
+    loads: a cached line of another program's writes could be stale) and integrates the whole
     system itself, so all of them hold the same positions without exchanging them. One
     barrier per step; the forces buffer alternates between two halves by step, so a program
     that runs ahead cannot overwrite forces another one still reads."""
@@ -430,12 +430,12 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         barrier()
         zero = jnp.zeros((rows, cols), dtype)
         acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
-        half = (system * 2 + t % 2) * 3 * width
+        half = (system * 2 + (t & 1)) * 3 * width
         for a in range(3):
             put(fx_ref, half + a * width + atoms, jnp.where(mobile_i, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0))
         barrier()           # every thread's rows are written before the program arrives
         late = arrive_and_wait(t)
-        f = [plgpu.load(fx_ref.at[half + a * width + lanes], cache_modifier=".cg") for a in range(3)]
+        f = [plgpu.load(fx_ref.at[half + a * width + lanes], volatile=True) for a in range(3)]
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
         return x, v, f, 0.5 * jnp.sum(acc[0]), energy, stuck | late
 
