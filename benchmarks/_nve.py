@@ -61,6 +61,7 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "path": path(md, batch),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "resident_parts": resident.parts_for(batch.num_systems, resident.plan(md, batch) or 1),
+            "split_tile": f"{resident.SPLIT_ROWS}x{resident.SPLIT_COLS}x{resident.SPLIT_WARPS}",
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
@@ -101,6 +102,8 @@ def add_arguments(parser):
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--shifts", choices=("int8", "packed"), default=None,
                         help="our neighbor lists' shift storage (default: the library's)")
+    parser.add_argument("--split-tile", default=None, metavar="ROWSxCOLSxWARPS",
+                        help="split resident kernel: least rows per program, columns, warps")
     parser.add_argument("--resident-tile", default=None, metavar="ROWSxCOLSxWARPS",
                         help="resident NVE kernel's tile and warps (default: the library's)")
     parser.add_argument("--out", default=None)
@@ -111,6 +114,9 @@ def configure(args):
     if args.shifts is not None:
         from nvalchemi_jax import neighbors
         neighbors.DEFAULT_SHIFT_DTYPE = args.shifts
+    if args.split_tile is not None:
+        from nvalchemi_jax.dynamics import resident
+        resident.SPLIT_ROWS, resident.SPLIT_COLS, resident.SPLIT_WARPS = (int(v) for v in args.split_tile.split("x"))
     if args.resident_tile is not None:
         from nvalchemi_jax.dynamics import resident
         resident.ROWS, resident.COLS, resident.NUM_WARPS = (int(v) for v in args.resident_tile.split("x"))

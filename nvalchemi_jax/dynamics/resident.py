@@ -50,6 +50,7 @@ MIN_WIDTH = 32
 #: Few systems leave most of the GPU idle (one program each): then each system is split
 #: over several programs (see :func:`parts_for`) of at least SPLIT_ROWS atoms' forces each.
 SPLIT_ROWS = 16
+SPLIT_COLS = 16
 SPLIT_WARPS = 4
 #: Spin-wait iterations of a split system's per-step barrier before it gives up (~1 s; its
 #: programs could only wait that long if they were not all running at once, which
@@ -325,7 +326,7 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
     inverse = jnp.linalg.inv(cell)
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)
-    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=min(COLS, width), term=term,
+    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=min(SPLIT_COLS, width), term=term,
                                names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
                                num_species=num_species, dtype=dtype, interpret=interpret)
     n = x.shape[0]
