@@ -89,11 +89,11 @@ def test_split_kernel_matches_engine(x64, kernels):
 
 def test_parts_per_system(monkeypatch):
     """As many programs per system as keep the whole grid on an H200's 132 multiprocessors
-    at once, with at least 16 rows each; one off GPUs."""
+    at once, with at least 8 rows each; one off GPUs."""
     monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT_PARTS", raising=False)
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 132)
-    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [16, 16, 2, 2, 1, 1]
-    assert resident.parts_for(1, 32) == 2
+    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [32, 32, 2, 2, 1, 1]
+    assert resident.parts_for(1, 32) == 4
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 0)
     assert resident.parts_for(1, 256) == 1
 

@@ -48,9 +48,14 @@ NUM_WARPS = 8
 #: Smallest padded system (a power of two, as Triton's tiles are).
 MIN_WIDTH = 32
 #: Few systems leave most of the GPU idle (one program each): then each system is split
-#: over several programs (see :func:`parts_for`) of at least SPLIT_ROWS atoms' forces each.
-SPLIT_ROWS = 16
-SPLIT_COLS = 16
+#: over several programs (see :func:`parts_for`) of at least SPLIT_ROWS atoms' forces each,
+#: walking partners SPLIT_COLS at a time when they have at most 16 rows (else COLS). H200,
+#: W1 at B = 1 and 4 (results/w1_split_tiles_h200_2026-11-29.jsonl): 8 x 32 x 4 warps
+#: 2.55e7 / 1.08e8 atom-steps/s, 16 x 32 x 4 2.52e7 / 9.4e7, 16 x 16 x 4 2.3e7 / 8.4e7,
+#: 2 warps 5-15 % slower; a step takes ~10 µs however its work is split: the per-step
+#: barrier and the exchange bound it.
+SPLIT_ROWS = 8
+SPLIT_COLS = 32
 SPLIT_WARPS = 4
 #: Spin-wait iterations of a split system's per-step barrier before it gives up (~1 s; its
 #: programs could only wait that long if they were not all running at once, which
@@ -326,7 +331,8 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
     inverse = jnp.linalg.inv(cell)
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)
-    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=min(SPLIT_COLS, width), term=term,
+    cols = min(SPLIT_COLS if width // parts <= 16 else COLS, width)
+    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, term=term,
                                names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
                                num_species=num_species, dtype=dtype, interpret=interpret)
     n = x.shape[0]
