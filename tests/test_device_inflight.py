@@ -147,6 +147,8 @@ def test_step_budget_reports_unfinished_and_returns_unstarted_samples():
     done = set(sink.read().sample_id.tolist())
     unfinished = set(result.unfinished)
     assert done and unfinished and not done & unfinished
+    # Only samples that stepped are unfinished: none was placed after the budget was spent.
+    assert np.all(np.asarray(result.state.step)[np.asarray(result.batch.system_mask)] > 0)
     # What never started is back in the sampler, in dataset order, for a later run.
     rest = list(sampler._pending)
     assert rest == sorted(set(range(100)) - done - unfinished)

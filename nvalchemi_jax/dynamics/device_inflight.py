@@ -106,10 +106,11 @@ def _room(slots: Slots, pool: Batch, count, free, atom_free):
     running atom count of the next ``S`` samples."""
     n_sys = free.shape[0]
     ahead = slots.cursor + jnp.arange(n_sys, dtype=jnp.int32)
-    sizes = jnp.where(ahead < count, pool.n_atoms[jnp.minimum(ahead, pool.num_systems - 1)],
-                      slots.batch.num_atoms + 1)
+    exists = ahead < count
+    # Past the last sample: size 1 (the running sum stays within int32), never taken.
+    sizes = jnp.where(exists, pool.n_atoms[jnp.minimum(ahead, pool.num_systems - 1)], 1)
     running = jnp.cumsum(sizes)
-    fits = (jnp.arange(n_sys) < jnp.sum(free)) & (running <= jnp.sum(atom_free))
+    fits = exists & (jnp.arange(n_sys) < jnp.sum(free)) & (running <= jnp.sum(atom_free))
     return jnp.sum(fits, dtype=jnp.int32), sizes, running
 
 
@@ -128,10 +129,12 @@ def _place(slots: Slots, pool: Batch, starts, taken, sizes, running, finished):
     rank = jnp.cumsum(atom_free.astype(jnp.int32)) - 1
     total = jnp.where(taken > 0, running[jnp.maximum(taken - 1, 0)], 0)
     gets = atom_free & (rank < total)
-    k = jnp.clip(jnp.searchsorted(running, rank, side="right", method=_search_method()), 0, n_sys - 1)   # which new sample
+    # Which new sample an atom slot gets, its atom within that sample, and the sample's slot
+    # (the k-th free one).
+    k = jnp.clip(jnp.searchsorted(running, rank, side="right", method=_search_method()), 0, n_sys - 1)
     pool_atom = starts[jnp.minimum(slots.cursor + k, starts.shape[0] - 1)] + rank - (running[k] - sizes[k])
     pool_atom = jnp.where(gets, pool_atom, 0)
-    slot = jnp.searchsorted(free_count, k + 1, side="left", method=_search_method()).astype(jnp.int32)   # the k-th free slot
+    slot = jnp.searchsorted(free_count, k + 1, side="left", method=_search_method()).astype(jnp.int32)
     cleared_atom, cleared = atom_finished & ~gets, finished & ~new
     fields = {}
     for f in ATOM_FIELDS:
@@ -166,7 +169,9 @@ def _period(dyn, pool, starts, count, length, carry, _):
     finished = batch.system_mask & ((state.status == dyn.exit_status) | (state.status == status_codes.FAILED))
     free = ~batch.system_mask | finished
     atom_free = ~batch.atom_mask | gather_systems(finished, batch.system_index, False)
+    budget = budget - went
     taken, sizes, running = _room(slots, pool, count, free, atom_free)
+    taken = jnp.where(budget > 0, taken, 0)        # no new samples once the step budget is spent
     go = ~stopped & ~overflow & (jnp.any(finished) | (taken > 0))
 
     def refill(state, slots):
@@ -175,7 +180,6 @@ def _period(dyn, pool, starts, count, length, carry, _):
         return refill_state(dyn, state, batch, slots.batch, finished, new), slots
 
     state, slots = jax.lax.cond(go, refill, lambda state, slots: (state, slots), state, slots)
-    budget = budget - went
     left = jnp.any(slots.batch.system_mask) | (slots.cursor < count)
     ran = went > 0
     stats = (buffers, went, go, jnp.where(ran, jnp.mean(batch.system_mask), 0.0),
