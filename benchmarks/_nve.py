@@ -60,7 +60,7 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
             "path": path(md, batch),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
-            "resident_parts": resident.parts_for(batch.num_systems, resident.plan(md, batch) or 1),
+            "resident_parts": fused_paths(md, batch)["parts"],
             "split_tile": f"{resident.SPLIT_ROWS}x{resident.SPLIT_COLS}x{resident.SPLIT_WARPS}",
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}

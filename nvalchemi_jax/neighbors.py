@@ -845,14 +845,3 @@ def closest_pairs(batch: Batch, max_distance: float):
         atom_i[s] = int(np.searchsorted(members, atom[s]))
         atom_j[s] = int(np.searchsorted(members, partner[s]))
     return best, atom_i, atom_j
-    system_index = np.asarray(batch.system_index)
-    indices = np.asarray(nl.indices)
-    for a in close:
-        s = system_index[a]
-        col = int(np.argmin(dist[a]))
-        if dist[a, col] < best[s]:
-            members = np.flatnonzero(system_index == s)       # ascending
-            best[s] = dist[a, col]
-            atom_i[s] = int(np.searchsorted(members, a))
-            atom_j[s] = int(np.searchsorted(members, indices[a, col]))
-    return best, atom_i, atom_j

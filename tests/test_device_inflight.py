@@ -177,3 +177,16 @@ def test_similar_datasets_share_one_compilation():
     assert result.written == 290 and result.refills > 20
     assert n[0] == 0
     assert [bucket(n) for n in (1, 15, 16, 17, 290, 300)] == [1, 15, 16, 18, 320, 320]
+
+
+def test_a_run_that_raises_gives_every_sample_back():
+    """Results reach the sinks at the end: when the run stops on an error (here two atoms
+    of sample 7 on top of each other, found before any step) no sample is lost from the
+    sampler."""
+    dataset = clusters(20, seed=8)
+    dataset[7] = {**dataset[7], "positions": np.concatenate([dataset[7]["positions"][:1],
+                                                             dataset[7]["positions"][:-1]])}
+    sampler = SizeAwareSampler(dataset, nj.Capacity(8, 104))
+    with pytest.raises(ValueError, match=r"(?s)closer than.*sample_id 7\)"):
+        staggered_nve().run(sampler=sampler, sinks=[HostMemory()], on_device=True)
+    assert sampler.remaining == 20 and sampler.handed_out == 0

@@ -89,13 +89,24 @@ def test_split_kernel_matches_engine(x64, kernels):
 
 def test_parts_per_system(monkeypatch):
     """As many programs per system as keep the whole grid on an H200's 132 multiprocessors
-    at once, with at least 8 rows each; one off GPUs."""
+    at once, with at least 8 rows each (0: one program per system, the unsplit kernel);
+    never off GPUs; the override is checked."""
     monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT_PARTS", raising=False)
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 132)
-    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [32, 32, 2, 2, 1, 1]
+    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [32, 32, 2, 2, 0, 0]
     assert resident.parts_for(1, 32) == 4
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 0)
+    assert resident.parts_for(1, 256) == 0
+    monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "1")
     assert resident.parts_for(1, 256) == 1
+    for bad in ("3", "512", "-2"):
+        monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", bad)
+        with pytest.raises(ValueError, match="power of two"):
+            resident.parts_for(1, 256)
+    monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "4")
+    if not resident._pallas.on_gpu():
+        with pytest.raises(ValueError, match="needs a GPU"):
+            resident.parts_for(1, 256)
 
 
 def test_a_failing_system_leaves_the_others(x64, kernels):

@@ -46,7 +46,7 @@ from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 
 SYSTEM_FIELDS = ("cell", "pbc", "n_atoms", "system_mask", "sample_id")
-UNLIMITED = 2**30
+UNLIMITED = 2**30          # steps of a run without a budget (and the most one call's budget holds)
 
 
 @struct.dataclass
@@ -269,24 +269,13 @@ def start(dyn, sampler, indices, key=None, min_distance: float | None = 0.5):
     return state, slots, pool, jnp.asarray(starts), sizes
 
 
-def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_steps: int | None = None,
-                  progress: bool = False, min_distance: float | None = 0.5,
-                  chunk_size: int = 100) -> InflightResult:
-    """Run ``dyn`` over every sample of ``sampler`` with the dataset on the device (see the
-    module docstring); ``chunk_size`` steps (rounded up to whole periods of
-    ``refill_frequency``) per compiled call."""
-    if refill_frequency < 1:
-        raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not sinks:
-        raise ValueError("an inflight run needs at least one sink")
-    t0 = time.perf_counter()
-    indices = sampler.take_all()
+def _run(dyn, sampler, indices, key, refill_frequency, max_steps, progress, min_distance, chunk_size):
+    """The compiled calls of :func:`run_on_device` until every sample finished or the step
+    budget is spent: ``(state, slots, pool, sizes, counters)``."""
     state, slots, pool, starts, sizes = start(dyn, sampler, indices, key, min_distance)
     count = jnp.int32(len(sizes))
     remaining = UNLIMITED if max_steps is None else int(max_steps)
-    budget = jnp.int32(remaining)
+    budget = jnp.int32(min(remaining, UNLIMITED))
     observers = _observers(dyn)
     periods = -(-chunk_size // refill_frequency)
     bar = _Progress(len(sizes), slots.batch, unit="samples") if progress else None
@@ -303,8 +292,8 @@ def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max
                 state = regrown(dyn, state, new_state, slots.batch)
                 continue
             buffers, _, refilled, occ, pad, ran = jax.device_get(stats)
-            for p in range(periods):
-                if observers:
+            if observers:
+                for p in range(periods):
                     hand_over(observers, jax.tree.map(lambda x: x[p], buffers))
             state, slots, budget = new_state, new_slots, new_budget
             taken += went
@@ -320,6 +309,33 @@ def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max
     finally:
         if bar is not None:
             bar.close()
+    return state, slots, pool, sizes, (taken, chunks, refills, regrows, occupancy, padding, cursor)
+
+
+def run_on_device(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_steps: int | None = None,
+                  progress: bool = False, min_distance: float | None = 0.5,
+                  chunk_size: int = 100) -> InflightResult:
+    """Run ``dyn`` over every sample of ``sampler`` (a
+    :class:`~nvalchemi_jax.dynamics.sampler.SizeAwareSampler`: all its pending samples are
+    taken at once, and those not run are given back) with the dataset on the device (see
+    the module docstring); ``chunk_size`` steps (rounded up to whole periods of
+    ``refill_frequency``) per compiled call."""
+    if refill_frequency < 1:
+        raise ValueError(f"refill_frequency must be >= 1, got {refill_frequency}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not sinks:
+        raise ValueError("an inflight run needs at least one sink")
+    t0 = time.perf_counter()
+    indices = sampler.take_all()
+    try:
+        state, slots, pool, sizes, stats = _run(dyn, sampler, indices, key, refill_frequency, max_steps,
+                                                progress, min_distance, chunk_size)
+    except BaseException:
+        # Results reach the sinks only at the end: none was written, every sample can run again.
+        sampler.give_back(indices)
+        raise
+    taken, chunks, refills, regrows, occupancy, padding, cursor = stats
     pool_host, results = jax.device_get((pool, slots.results))
     sampler.give_back(indices[cursor:])             # never started (max_steps ended the run)
     frames = _frames(results, pool_host, sizes)

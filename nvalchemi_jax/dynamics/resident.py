@@ -105,18 +105,26 @@ def plan(dyn, batch: Batch) -> int:
 
 
 def parts_for(num_systems: int, width: int) -> int:
-    """Programs per system (a power of two): as many as keep every program of the grid
-    running at once (one per multiprocessor) with at least ``SPLIT_ROWS`` rows each; 1 off
-    GPUs. ``NVALCHEMI_JAX_RESIDENT_PARTS`` overrides it: 0 never splits, 1 runs the split
-    kernel with one part (tests: Pallas' interpreter runs programs one after another)."""
+    """Host side: programs per system of the split kernel (:func:`call_split`), 0 for one
+    program per system (:func:`call`). Split (a power of two) when that keeps every program
+    of the grid running at once (one per multiprocessor) with at least ``SPLIT_ROWS`` rows
+    each; never off GPUs. ``NVALCHEMI_JAX_RESIDENT_PARTS`` overrides it: 0 never splits, 1
+    runs the split kernel with one part (tests: Pallas' interpreter runs programs one after
+    another, so more parts need a GPU)."""
     forced = os.environ.get("NVALCHEMI_JAX_RESIDENT_PARTS")
     if forced:
-        return max(1, int(forced))
+        parts = int(forced)
+        if parts < 0 or parts & (parts - 1) or parts > width:
+            raise ValueError(f"NVALCHEMI_JAX_RESIDENT_PARTS must be 0 or a power of two up to {width}, "
+                             f"got {forced!r}")
+        if parts > 1 and not _pallas.on_gpu():
+            raise ValueError("NVALCHEMI_JAX_RESIDENT_PARTS > 1 needs a GPU (its programs must run at once)")
+        return parts
     sms = _pallas.multiprocessors()
     parts = 1
     while 2 * parts * num_systems <= sms and width // (2 * parts) >= SPLIT_ROWS:
         parts *= 2
-    return parts
+    return parts if parts > 1 else 0
 
 
 def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
@@ -144,9 +152,10 @@ def atom_table(batch: Batch, width: int) -> jax.Array:
     return table.at[owner, rank].set(order.astype(jnp.int32), mode="drop")
 
 
-def steps(dyn, state, batch: Batch, limit, width: int):
-    """Up to ``limit`` NVE steps of every running system in one kernel call; returns
-    ``(state, steps taken)`` as the chunk's scan would."""
+def steps(dyn, state, batch: Batch, limit, width: int, parts: int = 0):
+    """Up to ``limit`` NVE steps of every running system in one kernel call (split over
+    ``parts`` programs per system if not 0, see :func:`parts_for`); returns ``(state, steps
+    taken)`` as the chunk's scan would."""
     from nvalchemi_jax.models.pair import species_table, symmetric
     start = state
     model = dyn.model
@@ -165,11 +174,10 @@ def steps(dyn, state, batch: Batch, limit, width: int):
     planar = lambda x: jnp.where(present[..., None], x[at], 0.0).transpose(0, 2, 1).reshape(-1)
     params = {name: symmetric(v) for name, v in model.pair_parameters().items()}
     num_species = 1 if species is None else int(np.max(species)) + 1
-    parts = parts_for(batch.num_systems, width)
     args = (model.pair_term, float(model.cutoff), params, num_species, planar(state.positions),
             planar(state.velocities), planar(state.forces), kind.reshape(-1), inv_mass.reshape(-1),
             state.cell, state.stage.system["dt"], count, state.energy, width)
-    if parts > 1 or os.environ.get("NVALCHEMI_JAX_RESIDENT_PARTS") == "1":
+    if parts:
         x, v, f, energy, previous = call_split(*args, parts=parts)
     else:
         x, v, f, energy, previous = call(*args)
@@ -415,13 +423,14 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         dphi = jnp.where(pair, dphi, 0.0)
         return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(acc[1 + a] + dphi * d[a] for a in range(3))
 
-    def arrive_and_wait(t):
-        """The system's barrier of step ``t``: True if it gave up waiting."""
+    def arrive_and_wait(t, stuck):
+        """The system's barrier of step ``t``: True if it gave up waiting (now or before:
+        then it no longer waits, and its results are NaN, see below)."""
         if interpret:       # one part there (programs run one after another; no atomics)
-            return jnp.zeros((), bool)
+            return stuck
         target = (t + 1) * parts
         seen = plgpu.atomic_add(counter, system, jnp.int32(1)) + 1
-        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN)
+        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN) & ~stuck
         spin = lambda c: (plgpu.atomic_add(counter, system, jnp.int32(0)), c[1] + 1)
         seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
         return seen < target
@@ -441,10 +450,10 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         for a in range(3):
             put(fx_ref, half + a * width + atoms, jnp.where(mobile_i, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0))
         barrier()           # every thread's rows are written before the program arrives
-        late = arrive_and_wait(t)
+        stuck = arrive_and_wait(t, stuck)
         f = [plgpu.load(fx_ref.at[half + a * width + lanes], volatile=True) for a in range(3)]
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
-        return x, v, f, 0.5 * jnp.sum(acc[0]), energy, stuck | late
+        return x, v, f, 0.5 * jnp.sum(acc[0]), energy, stuck
 
     x = [comp(x_ref, a) for a in range(3)]
     v = [comp(v_ref, a) for a in range(3)]
@@ -461,8 +470,10 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         _pallas.store(xo_ref, index, jnp.where(stuck, nan, jnp.where(present, x[a], 0.0)), mine)
         _pallas.store(vo_ref, index, v[a], mine)
         _pallas.store(fo_ref, index, f[a], mine)
-    eo_ref[program * 2] = energy
-    eo_ref[program * 2 + 1] = previous
+    # A program that gave up waiting read forces of another step: every program reports it
+    # through its energy (the system's sum goes NaN and the system fails), not only the first.
+    eo_ref[program * 2] = jnp.where(stuck, nan, energy)
+    eo_ref[program * 2 + 1] = jnp.where(stuck, nan, previous)
 
 
 def _barrier():

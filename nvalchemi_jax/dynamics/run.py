@@ -25,7 +25,7 @@ import numpy as np
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics import leapfrog
-from nvalchemi_jax.dynamics.resident import plan as plan_resident, steps as resident_steps
+from nvalchemi_jax.dynamics.resident import parts_for, plan as plan_resident, steps as resident_steps
 from nvalchemi_jax.dynamics.hooks.base import HookContext
 
 
@@ -44,10 +44,12 @@ def _observers(dyn):
 CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub_radix_sort": False}
 
 
-def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused: bool = False):
+def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused: bool = False,
+                parts: int = 0):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
-    the atoms per kernel program), ``limit`` steps inside one kernel call instead; with
+    the atoms per kernel program; ``parts``: programs per system, see
+    :func:`~nvalchemi_jax.dynamics.resident.parts_for`), ``limit`` steps inside one kernel call instead; with
     ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), NVE in leapfrog form. Each
     observer hook's records are written, on due steps only, into a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
@@ -57,7 +59,7 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused:
     steps taken, any system still active): all the host needs, in one small fetch."""
     observers = _observers(dyn)
     if resident:
-        state, went = resident_steps(dyn, state, batch, limit, resident)
+        state, went = resident_steps(dyn, state, batch, limit, resident, parts)
         return state, ((), _flags(dyn, state, batch, went))
     if fused:
         state, went = leapfrog.steps(dyn, state, batch, limit, length)
@@ -120,7 +122,7 @@ def _flags(dyn, state, batch, went):
 
 # Compiled at the top level only: JAX refuses compiler options on a jit nested in another
 # (jit `chunk_steps` with the options to use it inside a larger program).
-run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused"),
+run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused", "parts"),
                     compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
@@ -177,7 +179,7 @@ class Chunk:
 
 
 def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
-             fused: bool = False) -> Chunk:
+             fused: bool = False, parts: int = 0) -> Chunk:
     """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records to the host are queued too,
@@ -188,7 +190,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
         if prepare is not None:
             start = prepare(start)
         new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident,
-                                          fused=fused)
+                                          fused=fused, parts=parts)
         for leaf in jax.tree.leaves((buffers, flags)):
             leaf.copy_to_host_async()
         return start, new, buffers, flags
@@ -226,11 +228,13 @@ def hand_over(observers, buffers) -> None:
 
 
 def fused_paths(dyn, batch) -> dict:
-    """Host side: the static chunk options ``resident`` and ``fused`` of :func:`chunk_steps`
-    for this run: resident systems where they qualify, else NVE in leapfrog form, else the
-    engine's scan (both 0 / False)."""
+    """Host side: the static chunk options ``resident``, ``parts`` and ``fused`` of
+    :func:`chunk_steps` for this run: resident systems where they qualify (split over
+    ``parts`` programs each when few run), else NVE in leapfrog form, else the engine's scan
+    (all 0 / False)."""
     resident = plan_resident(dyn, batch)
-    return dict(resident=resident, fused=not resident and leapfrog.plan(dyn, batch))
+    parts = parts_for(batch.num_systems, resident) if resident else 0
+    return dict(resident=resident, parts=parts, fused=not resident and leapfrog.plan(dyn, batch))
 
 
 def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, progress=False):
