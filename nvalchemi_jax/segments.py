@@ -45,7 +45,7 @@ def _reduce(kind: str, values, ids, num_segments: int):
     if num_segments == 1:       # one system (a single large crystal): no scatter at all
         inside = (ids == 0).reshape(ids.shape + (1,) * (values.ndim - 1))
         return getattr(jnp, kind)(jnp.where(inside, values, identity), axis=0, keepdims=True,
-                                  initial=identity)
+                                  initial=identity).astype(values.dtype)
     if n < 2 * BLOCK:
         return scatter(out, ids, values)
     pad = (-n) % BLOCK
@@ -57,7 +57,8 @@ def _reduce(kind: str, values, ids, num_segments: int):
     same = blocks == head[:, None]
     grouped = values.reshape((-1, BLOCK) + values.shape[1:])
     expand = same.reshape(same.shape + (1,) * (values.ndim - 1))
-    dense = getattr(jnp, kind)(jnp.where(expand, grouped, identity), axis=1)
+    # (jnp.sum widens int32 to int64 in x64 mode: back to the values' type for the scatter)
+    dense = getattr(jnp, kind)(jnp.where(expand, grouped, identity), axis=1).astype(values.dtype)
     # A kernel of its own, parallel over the blocks' values (see the module's docstring).
     dense, head = jax.lax.optimization_barrier((dense, head))
     out = scatter(out, head, dense)
