@@ -195,21 +195,59 @@ def steps(dyn, state, batch: Batch, limit, width: int, parts: int = 0):
     return state.replace(global_step=state.global_step + taken), taken
 
 
+def _inputs(params, num_species, cell, dtype, interpret):
+    """What both kernels take besides the atoms: the pair parameters as flat refs, the cells
+    and their inverses, whether Pallas interprets, and its spare output entries."""
+    from nvalchemi_jax.models.pair_kernel import _parameter_refs
+    names, flat, is_table = _parameter_refs(params, num_species)
+    cell = cell.astype(dtype)
+    interpret = _pallas.interpreted(interpret)
+    return (names, [p.astype(dtype) for p in flat], is_table, cell, jnp.linalg.inv(cell), interpret,
+            _pallas.spare(interpret))
+
+
+def _frame(ref, system):
+    """In a kernel: the 3 x 3 matrix of ``system`` from a flat ``(S * 9,)`` ref, as scalars."""
+    return [[ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+
+
+def _fractional(x, inverse):
+    return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
+
+
+def _pair_block(acc, atoms, partners, x_i, s_i, kind_i, x_j, s_j, kind_j, cell, rc2, term, scalars,
+                tables, num_species):
+    """One tile of the all-pairs pass: rows ``atoms`` against columns ``partners`` (Cartesian
+    ``x``, fractional ``s`` and species rows ``kind``, -1: no atom), each lane adding its own
+    pair's energy and force terms to ``acc`` (4 tiles: φ, then φ'·d per component).
+    ``tables``: ``(name, ref)`` of the per-species parameters."""
+    # The nearest image from fractional separations, the vector from Cartesian ones
+    # (x_j - x_i - n·cell, as the neighbor-list kernel forms it: rounding of the positions,
+    # not of a lattice-scaled fraction, ~1e-5 of the force).
+    n = [jnp.floor(s_j[c] - s_i[c] + 0.5) for c in range(3)]
+    d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a] for a in range(3)]
+    r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+    pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != partners[None, :]) & (r2 < rc2)
+    r2 = jnp.where(pair, r2, rc2)
+    p = dict(scalars)
+    if tables:
+        index = jnp.where(pair, kind_i * num_species + kind_j, 0)
+        p.update({name: ref[index] for name, ref in tables})
+    phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
+    dphi = jnp.where(pair, dphi, 0.0)
+    return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(acc[1 + a] + dphi * d[a] for a in range(3))
+
+
 def call(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, count, energy,
          width, interpret=None):
     """The kernel on planar arrays ``(S * 3 * width,)`` (system, component, atom): ``dt``
     ``(S,)`` in fs, velocities in Å/fs, ``inv_mass`` in (Å/fs²)/(eV/Å) (0: does not move),
     ``count (S,)`` steps per system. Returns positions, velocities, forces (planar), and
     ``(S,)`` the energy after the last step and the one before it."""
-    from nvalchemi_jax.models.pair_kernel import _parameter_refs
     s = cell.shape[0]
     dtype = x.dtype
-    names, flat, is_table = _parameter_refs(params, num_species)
-    flat = [p.astype(dtype) for p in flat]
-    cell = cell.astype(dtype)
-    inverse = jnp.linalg.inv(cell)
-    interpret = _pallas.interpreted(interpret)
-    extra = _pallas.spare(interpret)
+    names, flat, is_table, cell, inverse, interpret, extra = _inputs(params, num_species, cell, dtype,
+                                                                     interpret)
     kernel = functools.partial(_kernel, width=width, rows=min(ROWS, width),
                                cols=min(COLS, width), term=term, names=tuple(names),
                                is_table=tuple(is_table), rc2=cutoff * cutoff,
@@ -236,18 +274,15 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
     kind = kind_ref[system * width + lanes]
     present = kind >= 0
     inv_mass = im_ref[system * width + lanes]
-    cell = [[cell_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
-    inverse = [[inv_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    cell, inverse = _frame(cell_ref, system), _frame(inv_ref, system)
     dt = dt_ref[system]
     scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
+    tables = [(name, ref) for name, ref, table in zip(names, param_refs, is_table) if table]
     barrier = (lambda: None) if interpret else _barrier
 
     def write(ref, a, value, atoms=None):
         index = base + a * width + (lanes if atoms is None else atoms)
         _pallas.store(ref, index, value, jnp.ones(index.shape, bool))
-
-    def fractional(x):
-        return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
 
     def forces():
         """Forces and energy at the positions in ``xo_ref`` (Cartesian) and ``so_ref``
@@ -266,26 +301,8 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
                 x_j = [xo_ref[base + a * width + partners][None, :] for a in range(3)]
                 s_j = [so_ref[base + a * width + partners][None, :] for a in range(3)]
                 kind_j = kind_ref[system * width + partners][None, :]
-                # The nearest image from fractional separations, the vector from Cartesian
-                # ones (x_j - x_i - n·cell, as the neighbor-list kernel forms it: rounding of
-                # the positions, not of a lattice-scaled fraction, ~1e-5 of the force).
-                n = [jnp.floor(s_j[c] - s_i[c] + 0.5) for c in range(3)]
-                d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
-                     for a in range(3)]
-                r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-                pair = ((kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != partners[None, :])
-                        & (r2 < rc2))
-                r2 = jnp.where(pair, r2, rc2)
-                p = dict(scalars)
-                if len(scalars) < len(names):
-                    index = jnp.where(pair, kind_i * num_species + kind_j, 0)
-                    for name, ref, table in zip(names, param_refs, is_table):
-                        if table:
-                            p[name] = ref[index]
-                phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
-                dphi = jnp.where(pair, dphi, 0.0)
-                return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(
-                    acc[1 + a] + dphi * d[a] for a in range(3))
+                return _pair_block(acc, atoms, partners, x_i, s_i, kind_i, x_j, s_j, kind_j, cell, rc2,
+                                   term, scalars, tables, num_species)
 
             zero = jnp.zeros((rows, cols), dtype)
             acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
@@ -302,7 +319,7 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
         x, v, f, energy, previous = carry
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
         x = [x[a] + dt * v[a] for a in range(3)]
-        frac = fractional(x)
+        frac = _fractional(x, inverse)
         for a in range(3):
             write(xo_ref, a, x[a])
             write(so_ref, a, frac[a])
@@ -330,15 +347,10 @@ def _kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, co
 def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell, dt, count, energy,
                width, parts, interpret=None):
     """:func:`call` with each system split over ``parts`` programs (see :func:`_split_kernel`)."""
-    from nvalchemi_jax.models.pair_kernel import _parameter_refs
     s = cell.shape[0]
     dtype = x.dtype
-    names, flat, is_table = _parameter_refs(params, num_species)
-    flat = [p.astype(dtype) for p in flat]
-    cell = cell.astype(dtype)
-    inverse = jnp.linalg.inv(cell)
-    interpret = _pallas.interpreted(interpret)
-    extra = _pallas.spare(interpret)
+    names, flat, is_table, cell, inverse, interpret, extra = _inputs(params, num_species, cell, dtype,
+                                                                     interpret)
     cols = min(SPLIT_COLS if width // parts <= 16 else COLS, width)
     kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, term=term,
                                names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
@@ -390,15 +402,12 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
     inv_mass = im_ref[system * width + lanes]
     kind_i = kind_ref[system * width + atoms][:, None]
     mobile_i = im_ref[system * width + atoms] > 0
-    cell = [[cell_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
-    inverse = [[inv_ref[system * 9 + 3 * r + a] for a in range(3)] for r in range(3)]
+    cell, inverse = _frame(cell_ref, system), _frame(inv_ref, system)
     dt = dt_ref[system]
     scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
+    tables = [(name, ref) for name, ref, table in zip(names, param_refs, is_table) if table]
     barrier = (lambda: None) if interpret else _barrier
     put = lambda ref, index, value: _pallas.store(ref, index, value, jnp.ones(index.shape, bool))
-
-    def fractional(x):
-        return [x[0] * inverse[0][b] + x[1] * inverse[1][b] + x[2] * inverse[2][b] for b in range(3)]
 
     def block(b, acc):
         partners = b * cols + jnp.arange(cols, dtype=jnp.int32)
@@ -407,21 +416,8 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         x_j = [xs_ref[own + a * width + partners][None, :] for a in range(3)]
         s_j = [ss_ref[own + a * width + partners][None, :] for a in range(3)]
         kind_j = kind_ref[system * width + partners][None, :]
-        n = [jnp.floor(s_j[c] - s_i[c] + 0.5) for c in range(3)]     # as in _kernel
-        d = [x_j[a] - x_i[a] - n[0] * cell[0][a] - n[1] * cell[1][a] - n[2] * cell[2][a]
-             for a in range(3)]
-        r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-        pair = (kind_i >= 0) & (kind_j >= 0) & (atoms[:, None] != partners[None, :]) & (r2 < rc2)
-        r2 = jnp.where(pair, r2, rc2)
-        p = dict(scalars)
-        if len(scalars) < len(names):
-            index = jnp.where(pair, kind_i * num_species + kind_j, 0)
-            for name, ref, table in zip(names, param_refs, is_table):
-                if table:
-                    p[name] = ref[index]
-        phi, dphi = jax.jvp(lambda y: term(y, p), (r2,), (jnp.ones_like(r2),))
-        dphi = jnp.where(pair, dphi, 0.0)
-        return (acc[0] + jnp.where(pair, phi, 0.0),) + tuple(acc[1 + a] + dphi * d[a] for a in range(3))
+        return _pair_block(acc, atoms, partners, x_i, s_i, kind_i, x_j, s_j, kind_j, cell, rc2, term,
+                           scalars, tables, num_species)
 
     def arrive_and_wait(t, stuck):
         """The system's barrier of step ``t``: True if it gave up waiting (now or before:
@@ -439,7 +435,7 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         x, v, f, energy, previous, stuck = carry
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
         x = [x[a] + dt * v[a] for a in range(3)]
-        frac = fractional(x)
+        frac = _fractional(x, inverse)
         for a in range(3):
             put(xs_ref, own + a * width + lanes, x[a])
             put(ss_ref, own + a * width + lanes, frac[a])
