@@ -54,6 +54,30 @@ def assert_matches_ase(state, atoms, energy_rtol=1e-9):
     np.testing.assert_allclose(float(state.energy[0]), atoms.get_potential_energy(), rtol=energy_rtol)
 
 
+def run_both(monkeypatch, variable, md, batch, state=None, **kwargs):
+    """The same run with the path switched by environment ``variable`` on ("1") and off
+    ("0"): ``(on, off)`` run results."""
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(variable, flag)
+        runs[flag] = md.run(batch, state=state, **kwargs)
+    return runs["1"], runs["0"]
+
+
+def assert_same_states(fast, slow, rtol=1e-9, atol=1e-12, rebuilds=True):
+    """Two states of the same run agree: float fields to ``rtol`` / ``atol``, counters and
+    codes exactly, and (``rebuilds``) the neighbor-list rebuild counts."""
+    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
+        np.testing.assert_allclose(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
+                                   rtol=rtol, atol=atol, err_msg=name)
+    for name in ("step", "status", "failure", "global_step"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
+                                      err_msg=name)
+    if rebuilds:
+        np.testing.assert_array_equal(np.asarray(fast.neighbors.rebuilds),
+                                      np.asarray(slow.neighbors.rebuilds), err_msg="rebuilds")
+
+
 def mixed_batch(temperature=60.0):
     """Three crystals of 32, 48 and 108 atoms, every fifth atom krypton, atom 3 fixed."""
     rng = np.random.default_rng(1)

@@ -16,7 +16,8 @@ from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch, ase_velocity_verlet, assert_matches_ase, mixed_batch
+import _helpers
+from _helpers import ARGON, argon_batch, ase_velocity_verlet, assert_matches_ase, assert_same_states, mixed_batch
 
 SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)
 
@@ -31,22 +32,7 @@ def kernels(monkeypatch):
 
 def run_both(kernels, md, batch, state=None, **kwargs):
     """The same run in leapfrog form and step by step."""
-    runs = {}
-    for flag in ("1", "0"):
-        kernels.setenv("NVALCHEMI_JAX_LEAPFROG", flag)
-        runs[flag] = md.run(batch, state=state, **kwargs)
-    return runs["1"], runs["0"]
-
-
-def assert_same_states(fast, slow, rtol=1e-9, atol=1e-12):
-    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
-        np.testing.assert_allclose(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
-                                   rtol=rtol, atol=atol, err_msg=name)
-    for name in ("step", "status", "failure", "global_step"):
-        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(slow, name)),
-                                      err_msg=name)
-    np.testing.assert_array_equal(np.asarray(fast.neighbors.rebuilds),
-                                  np.asarray(slow.neighbors.rebuilds), err_msg="rebuilds")
+    return _helpers.run_both(kernels, "NVALCHEMI_JAX_LEAPFROG", md, batch, state, **kwargs)
 
 
 def test_matches_ase_velocity_verlet(x64, kernels):

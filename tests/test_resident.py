@@ -13,7 +13,8 @@ from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
 
-from _helpers import ARGON, argon_batch, ase_velocity_verlet, assert_matches_ase, mixed_batch
+import _helpers
+from _helpers import ARGON, argon_batch, ase_velocity_verlet, assert_matches_ase, assert_same_states, mixed_batch
 
 SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)   # (2, 2, 2) argon cells are 10.5 Å wide
 
@@ -28,11 +29,7 @@ def kernels(monkeypatch):
 
 def run_both(kernels, md, batch, state=None, **kwargs):
     """The same run resident and step by step."""
-    runs = {}
-    for flag in ("1", "0"):
-        kernels.setenv("NVALCHEMI_JAX_RESIDENT", flag)
-        runs[flag] = md.run(batch, state=state, **kwargs)
-    return runs["1"], runs["0"]
+    return _helpers.run_both(kernels, "NVALCHEMI_JAX_RESIDENT", md, batch, state, **kwargs)
 
 
 def test_matches_ase_velocity_verlet(x64, kernels):
@@ -57,13 +54,7 @@ def test_matches_engine_on_a_mixed_batch(x64, kernels):
     md = NVE(model=model, dt=4.0, n_steps=25)
     assert resident.plan(md, batch) == 128
     fast, slow = run_both(kernels, md, batch, chunk_size=10)
-    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
-        np.testing.assert_allclose(np.asarray(getattr(fast.state, name)),
-                                   np.asarray(getattr(slow.state, name)), rtol=1e-9, atol=1e-12,
-                                   err_msg=name)
-    for name in ("step", "status", "global_step"):
-        np.testing.assert_array_equal(np.asarray(getattr(fast.state, name)),
-                                      np.asarray(getattr(slow.state, name)), err_msg=name)
+    assert_same_states(fast.state, slow.state, rebuilds=False)     # (resident runs keep no list)
     assert fast.steps == slow.steps == 25 and fast.converged[:3].all()
     pinned = np.flatnonzero(np.asarray(batch.fixed))
     np.testing.assert_array_equal(np.asarray(fast.state.positions)[pinned],
@@ -80,10 +71,7 @@ def test_split_kernel_matches_engine(x64, kernels):
     batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
     md = NVE(model=model, dt=4.0, n_steps=9)
     fast, slow = run_both(kernels, md, batch, chunk_size=4)
-    for name in ("positions", "velocities", "forces", "energy", "previous_energy"):
-        np.testing.assert_allclose(np.asarray(getattr(fast.state, name)),
-                                   np.asarray(getattr(slow.state, name)), rtol=1e-9, atol=1e-12,
-                                   err_msg=name)
+    assert_same_states(fast.state, slow.state, rebuilds=False)
     assert fast.steps == slow.steps == 9
 
 
