@@ -52,12 +52,20 @@ def test_every_sample_leaves_exactly_once(refill_frequency):
     sampler = SizeAwareSampler(dataset, nj.Capacity(64, 640))
     sinks = [HostMemory(capacity=400), HostMemory(capacity=700), HostMemory()]
     result = staggered_nve(fail_every=97).run(sampler=sampler, sinks=sinks, refill_frequency=refill_frequency)
+    assert_each_sample_left_once(result, sinks, dataset, fail_every=97)
+    assert len(sinks[0]) == 400 and len(sinks[1]) == 700          # full sinks overflowed to the next
+
+
+def assert_each_sample_left_once(result, sinks, dataset, fail_every):
+    """What an inflight run of :func:`staggered_nve` over ``dataset`` wrote to ``sinks``: every
+    sample once, those failed that should, the others after their own number of steps, each
+    frame with its own sample's atoms."""
+    n = len(dataset)
     frames = Frames.concatenate([s.read() for s in sinks])
     ids = np.sort(frames.sample_id)
     np.testing.assert_array_equal(ids, np.arange(n))            # none lost, none duplicated
-    assert len(sinks[0]) == 400 and len(sinks[1]) == 700          # full sinks overflowed to the next
     failed = frames.sample_id[frames.status == status.FAILED]
-    np.testing.assert_array_equal(np.sort(failed), np.arange(0, n, 97))
+    np.testing.assert_array_equal(np.sort(failed), np.arange(0, n, fail_every))
     assert np.all(frames.failure[frames.status == status.FAILED] == status.Failure.NONFINITE_FORCES)
     ok = frames.status != status.FAILED
     np.testing.assert_array_equal(frames.step[ok], frames.sample_id[ok] % 5 + 1)
@@ -66,6 +74,7 @@ def test_every_sample_leaves_exactly_once(refill_frequency):
     np.testing.assert_array_equal(frames.n_atoms, sizes[frames.sample_id])
     assert result.written == n and result.failed == len(failed) and result.unfinished == []
     assert 0 < result.padding_efficiency <= 1 and 0 < result.occupancy <= 1
+    return frames
 
 
 def test_full_sinks_apply_back_pressure_and_report():
