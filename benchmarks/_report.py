@@ -33,3 +33,37 @@ def median_seconds(fn, *args, repeat: int = 20) -> float:
         jax.block_until_ready(fn(*args))
         runs.append(time.perf_counter() - t0)
     return statistics.median(runs)
+
+
+def gpu_kernels(fn) -> tuple[dict, dict]:
+    """Run ``fn()`` (results waited for) under ``jax.profiler``: GPU microseconds and launches
+    per kernel name (device-to-host copies included), from the Perfetto trace JAX writes."""
+    import glob
+    import gzip
+    import tempfile
+    from collections import defaultdict
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn())
+        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        events = json.load(gzip.open(files[0])) if files else []
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "") and "dur" in e:
+            total[e["name"]] += e["dur"]
+            count[e["name"]] += 1
+    return dict(total), dict(count)
+
+
+def kernel_table(total: dict, count: dict, top: int = 60) -> dict:
+    """The ``top`` kernels by GPU time: ``{name: [µs, launches]}``."""
+    ranked = sorted(total, key=total.get, reverse=True)[:top]
+    return {name[:90]: [round(total[name], 1), count[name]] for name in ranked}
+
+
+def device_to_host(count: dict) -> int:
+    """Device-to-host copies among the launches of :func:`gpu_kernels`."""
+    return sum(n for name, n in count.items() if "MemcpyD2H" in name or "DtoH" in name)

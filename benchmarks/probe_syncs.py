@@ -10,18 +10,15 @@ this times a 100-step ``lax.scan`` and counts device-to-host copies per step in 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _report import emit
+from _report import device_to_host, emit, gpu_kernels
 from _nve import batch_of
 from peers import nve_inputs
 
@@ -33,18 +30,11 @@ OPTIONS = {"default": None, "graph1": {"xla_gpu_graph_min_graph_size": 1},
 
 
 def trace_counts(fn, x):
-    """GPU time and the number of device-to-host copies of one call, from a profiler trace."""
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            jax.block_until_ready(fn(x))
-        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(files[0])) if files else []
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")]
-    d2h = sum(1 for e in gpu if "MemcpyD2H" in e["name"] or "DtoH" in e["name"])
-    graphs = sum(1 for e in gpu if "graph" in e["name"].lower())
-    return d2h, graphs, len(gpu)
+    """Device-to-host copies, CUDA graph launches and all GPU launches of one call, from a
+    profiler trace."""
+    _, count = gpu_kernels(lambda: fn(x))
+    graphs = sum(n for name, n in count.items() if "graph" in name.lower())
+    return device_to_host(count), graphs, sum(count.values())
 
 
 def timed(fn, x, repeat=5):

@@ -16,41 +16,22 @@ import numpy as np
 
 import nvalchemi_jax as nj
 import peers
-from _report import emit
+from _report import device_to_host, emit, gpu_kernels, kernel_table
 from bench_w3_relax import as_items, relax
 from nvalchemi_jax.dynamics import SizeAwareSampler, device_inflight
 from nvalchemi_jax.dynamics.run import run_chunk
 
 
 def traced(fn, top):
-    """Wall seconds of ``fn()`` (warm), and a trace: GPU µs by kernel name, device-to-host copies."""
-    import glob
-    import gzip
-    import json
-    import tempfile
-    from collections import defaultdict
-
+    """Wall seconds of ``fn()`` (warm), and on a GPU its kernel table and device-to-host copies."""
     jax.block_until_ready(fn())
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     wall = time.perf_counter() - t0
     if jax.default_backend() != "gpu":
         return wall, {}, 0
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            jax.block_until_ready(fn())
-        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(files[0])) if files else []
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    total, count = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "") and "dur" in e:
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
-    d2h = sum(n for name, n in count.items() if "MemcpyD2H" in name or "DtoH" in name)
-    ranked = sorted(total, key=total.get, reverse=True)[:top]
-    return wall, {name[:90]: [round(total[name], 1), count[name]] for name in ranked}, d2h
+    total, count = gpu_kernels(fn)
+    return wall, kernel_table(total, count, top), device_to_host(count)
 
 
 def main(argv=None):

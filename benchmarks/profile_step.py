@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _report import emit, median_seconds
+from _report import emit, gpu_kernels, kernel_table, median_seconds
 from _nve import batch_of
 from peers import nve_inputs
 from nvalchemi_jax import _pallas, neighbors
@@ -33,31 +33,9 @@ def variadic_row_sums(terms):
 ROW_SUMS = {"separate": None, "variadic": variadic_row_sums}
 
 
-def kernel_table(chunk, state, top=60):
-    """Run one chunk under ``jax.profiler`` and sum GPU kernel time by kernel name
-    (from the Perfetto trace JAX writes), per step of the chunk."""
-    import glob
-    import gzip
-    import json
-    import tempfile
-    from collections import defaultdict
-
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            jax.block_until_ready(chunk(state))
-        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        if not files:
-            return {}
-        events = json.load(gzip.open(files[0]))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    total, count = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "") and "dur" in e:
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
-    ranked = sorted(total, key=total.get, reverse=True)[:top]
-    return {name[:90]: [round(total[name], 1), count[name]] for name in ranked}
+def kernels_of(chunk, state, top=60):
+    """Per-kernel GPU time of one chunk (see ``_report.kernel_table``)."""
+    return kernel_table(*gpu_kernels(lambda: chunk(state)), top)
 
 
 def kernel_blocks(model, batch, positions, nl, blocks):
@@ -116,7 +94,7 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
     row["atom_steps_per_s"] = atoms / row["step_us"] * 1e6
     row["rebuilds"] = int(np.asarray(state.neighbors.rebuilds).max())
     if trace:
-        row["kernels_us_count"] = kernel_table(chunk, state)
+        row["kernels_us_count"] = kernels_of(chunk, state)
     hlo = chunk.lower(state).compile().as_text()
     if hlo_dir:     # to see what each kernel of the trace computes
         os.makedirs(hlo_dir, exist_ok=True)
