@@ -114,12 +114,18 @@ def _room(slots: Slots, pool: Batch, count, free, atom_free):
     return jnp.sum(fits, dtype=jnp.int32), sizes, running
 
 
+def _blend(put, value, clear, fill, old):
+    """``value`` where ``put``, ``fill`` where ``clear``, else ``old`` (masks over the first axis)."""
+    mask = lambda m: m.reshape(m.shape + (1,) * (old.ndim - 1))
+    return jnp.where(mask(put), value, jnp.where(mask(clear), jnp.asarray(fill, old.dtype), old))
+
+
 def _place(slots: Slots, pool: Batch, starts, taken, sizes, running, finished):
     """The batch with ``finished`` slots cleared and ``taken`` next pool samples placed:
     the k-th new sample takes the k-th free slot and atoms ``running[k-1]..running[k]`` of
     the free atoms in order. Returns ``(slots, new (S,))``."""
     batch = slots.batch
-    n_sys, n_atoms = batch.num_systems, batch.num_atoms
+    n_sys = batch.num_systems
     atom_finished = gather_systems(finished, batch.system_index, False)
     free = ~batch.system_mask | finished
     atom_free = ~batch.atom_mask | atom_finished
@@ -136,25 +142,16 @@ def _place(slots: Slots, pool: Batch, starts, taken, sizes, running, finished):
     pool_atom = jnp.where(gets, pool_atom, 0)
     slot = jnp.searchsorted(free_count, k + 1, side="left", method=_search_method()).astype(jnp.int32)
     cleared_atom, cleared = atom_finished & ~gets, finished & ~new
-    fields = {}
-    for f in ATOM_FIELDS:
-        old = getattr(batch, f)
-        mask = lambda m: m.reshape(m.shape + (1,) * (old.ndim - 1))
-        fields[f] = jnp.where(mask(gets), getattr(pool, f)[pool_atom],
-                              jnp.where(mask(cleared_atom), jnp.asarray(PADDING[f], old.dtype), old))
-    fields["system_index"] = jnp.where(gets, slot, jnp.where(cleared_atom, n_sys, batch.system_index))
-    fields["atom_mask"] = gets | (batch.atom_mask & ~cleared_atom)
     pick = jnp.clip(source, 0, pool.num_systems - 1)
-    for f in SYSTEM_FIELDS:
-        old = getattr(batch, f)
-        mask = lambda m: m.reshape(m.shape + (1,) * (old.ndim - 1))
-        fields[f] = jnp.where(mask(new), getattr(pool, f)[pick],
-                              jnp.where(mask(cleared), jnp.asarray(PADDING[f], old.dtype), old))
+    fields = {f: _blend(gets, getattr(pool, f)[pool_atom], cleared_atom, PADDING[f], getattr(batch, f))
+              for f in ATOM_FIELDS}
+    fields.update({f: _blend(new, getattr(pool, f)[pick], cleared, PADDING[f], getattr(batch, f))
+                   for f in SYSTEM_FIELDS})
+    fields["system_index"] = _blend(gets, slot, cleared_atom, n_sys, batch.system_index)
+    fields["atom_mask"] = _blend(gets, True, cleared_atom, False, batch.atom_mask)
     slots = slots.replace(
-        batch=batch.replace(**fields),
-        source=jnp.where(new, source, jnp.where(cleared, -1, slots.source)),
-        pool_atom=jnp.where(gets, pool_atom, jnp.where(cleared_atom, -1, slots.pool_atom)),
-        cursor=slots.cursor + taken)
+        batch=batch.replace(**fields), source=_blend(new, source, cleared, -1, slots.source),
+        pool_atom=_blend(gets, pool_atom, cleared_atom, -1, slots.pool_atom), cursor=slots.cursor + taken)
     return slots, new
 
 
