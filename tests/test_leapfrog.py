@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from nvalchemi_jax import neighbors
-from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, leapfrog, resident
+from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, leapfrog, persistent, resident
+from nvalchemi_jax.dynamics.run import fused_paths
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.hooks import LoggingHook
 from nvalchemi_jax.models import LennardJones
@@ -23,11 +24,19 @@ SHORT = dict(sigma=3.40, epsilon=0.0104, cutoff=5.0)
 
 
 @pytest.fixture
-def kernels(monkeypatch):
+def fused_only(monkeypatch):
     monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
     monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT", "0")
     monkeypatch.delenv("NVALCHEMI_JAX_LEAPFROG", raising=False)
+    monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "0")
     return monkeypatch
+
+
+@pytest.fixture(params=["0", "1"], ids=["xla-steps", "persistent"])
+def kernels(request, fused_only):
+    """Leapfrog steps in XLA, or in the persistent kernel (one program, interpreted)."""
+    fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", request.param)
+    return fused_only
 
 
 def run_both(kernels, md, batch, state=None, **kwargs):
@@ -100,7 +109,8 @@ def test_a_failing_system_leaves_the_others(x64, kernels):
     assert fast.converged[[0, 2]].all()
 
 
-def test_which_runs_qualify(kernels):
+def test_which_runs_qualify(fused_only):
+    kernels = fused_only
     batch = argon_batch(repeats=[(2, 2, 2), (3, 3, 3)])
     model = LennardJones(**SHORT, shift=True)
     md = NVE(model=model, dt=2.0, n_steps=10)
@@ -121,3 +131,26 @@ def test_which_runs_qualify(kernels):
     kernels.setenv("NVALCHEMI_JAX_LEAPFROG", "1")
     kernels.setenv("NVALCHEMI_JAX_KERNELS", "auto")     # auto: the kernels only on a GPU
     assert leapfrog.plan(md, batch) == resident._pallas.on_gpu()
+
+
+def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64, fused_only):
+    """Should the persistent kernel's programs not all run at once (its barrier gives up),
+    every running system fails with a reason that names the way out, back at the chunk's
+    start: nothing half-stepped is kept. (Simulated: the interpreter runs one program.)"""
+    fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", "1")
+    real = persistent.call
+
+    def gives_up(*args, **kwargs):
+        rings, f, index, _ = real(*args, **kwargs)
+        return rings, f, index, jnp.int32(persistent.STUCK)
+
+    fused_only.setattr(persistent, "call", gives_up)
+    batch = mixed_batch()
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=10, skin=0.2)
+    state = md.init(batch)
+    assert fused_paths(md, batch)["grid"] == 1
+    result = md.run(batch, state=state, chunk_size=10)
+    assert result.failed[:3].all()
+    assert all("NVALCHEMI_JAX_PERSISTENT=0" in result.failures[s] for s in range(3))
+    np.testing.assert_array_equal(np.asarray(result.state.positions), np.asarray(state.positions))
+    np.testing.assert_array_equal(np.asarray(result.state.step), np.asarray(state.step))

@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax import neighbors, units
+from nvalchemi_jax import _pallas, neighbors, units
 from nvalchemi_jax.batch import Batch, gather_systems, sum_systems
-from nvalchemi_jax.dynamics import resident, status as status_codes
+from nvalchemi_jax.dynamics import persistent, resident, status as status_codes
 from nvalchemi_jax.models import pair_kernel
 
 
@@ -53,9 +53,11 @@ def plan(dyn, batch: Batch) -> bool:
     return enabled() and resident.fused_nve(dyn, batch)
 
 
-def steps(dyn, state, batch: Batch, limit, length: int):
+def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     """Up to ``limit`` (at most ``length``) NVE steps of every running system; returns
-    ``(state, steps taken)`` as the chunk's scan would."""
+    ``(state, steps taken)`` as the chunk's scan would. With ``grid`` (programs, see
+    :func:`~nvalchemi_jax.dynamics.persistent.programs`) the steps run in the persistent
+    kernel between rebuilds, else one XLA step at a time."""
     from nvalchemi_jax.models.pair import species_table, symmetric
     start = state
     model = dyn.model
@@ -124,7 +126,12 @@ def steps(dyn, state, batch: Batch, limit, length: int):
     x4 = jnp.pad(state.positions, ((0, 0), (0, 1)))
     zero = jnp.zeros(n, dtype)
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
-    (out, _, nl), _ = jax.lax.scan(body, (out, x4, nl), jnp.arange(length + 1, dtype=jnp.int32))
+    if grid:
+        out, nl = _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, skin=skin,
+                                    kick=kick, dt=state.stage.system["dt"], model=model,
+                                    params=params, rows=rows, num_species=num_species, cell=state.cell)
+    else:
+        (out, _, nl), _ = jax.lax.scan(body, (out, x4, nl), jnp.arange(length + 1, dtype=jnp.int32))
     x4, v, f, e, e_prev, count, status, failure = out
 
     ran = trips > 0
@@ -175,3 +182,67 @@ def evaluate_and_step(term, cutoff, params, rows, num_species, x4, v, e, e_prev,
     bad = jnp.any(finish[:, 0] & ~ok)
     return (jnp.pad(x_new, ((0, 0), (0, 1))), x4, v, force, energy,
             jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
+
+
+def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, kick, dt, model, params,
+                      rows, num_species, cell):
+    """The chunk's indices ``0 .. trips - 1`` as :func:`steps`' scan takes them, in calls of
+    the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
+    stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
+    index i, index i is taken by ``advance`` (the engine's failure handling), then the
+    kernel goes on. Should the kernel's barrier run out, every running system fails."""
+    x4, v, f, e, e_prev, count, status, failure = out
+    n = x4.shape[0]
+    spare = _pallas.spare(_pallas.interpreted(None))
+    m = n + spare
+    dtype = x4.dtype
+    pad = lambda a: jnp.pad(a, ((0, spare),) + ((0, 0),) * (a.ndim - 1))
+    slots = lambda a, k: jnp.zeros((k,) + pad(a).shape, dtype).at[0].set(pad(a))
+    rings = (slots(x4, 3), slots(v, 2), slots(e, 2), slots(e_prev, 2))
+    dt_atom = pad(gather_systems(dt.astype(dtype), batch.system_index))
+    kick_m = pad(kick)
+
+    def run_kernel(carry):
+        rings, f, nl, i, count, status, failure, _ = carry
+        count_atom = pad(gather_systems(count, batch.system_index))
+        rings, f, i, code = persistent.call(
+            model.pair_term, float(model.cutoff), params, rows, num_species, rings, i, trips,
+            kick=kick_m, dt_atom=dt_atom, count_atom=count_atom,
+            reference=nl.reference_positions.astype(dtype), skin=skin, cell=cell, batch=batch, nl=nl,
+            grid=grid)
+        x_next = rings[0][i % 3, :n, :3]
+        nl = jax.lax.cond(code == persistent.REBUILD,
+                          lambda nl: neighbors.rebuild(nl, x_next, cell, batch), lambda nl: nl, nl)
+        return rings, f, nl, i, count, status, failure, code
+
+    def one_step(carry):
+        (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, _ = carry
+        out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n],
+               count, status, failure)
+        (x4, v, f_new, e, e_prev, count, status, failure), _, nl = advance(
+            (out, x_ring[(i + 2) % 3, :n], nl), i)
+        rings = (x_ring.at[(i + 1) % 3, :n].set(x4), v_ring.at[(i + 1) % 2, :n].set(v),
+                 e_ring.at[(i + 1) % 2, :n].set(e), ep_ring.at[(i + 1) % 2, :n].set(e_prev))
+        return rings, f.at[:n].set(f_new), nl, i + 1, count, status, failure, jnp.int32(persistent.DONE)
+
+    def go_on(carry):
+        i, code = carry[3], carry[7]
+        return (i < trips) & (code != persistent.STUCK)
+
+    def segment(carry):
+        return jax.lax.cond(carry[7] == persistent.NONFINITE, one_step, run_kernel, carry)
+
+    carry = (rings, pad(f), nl, jnp.int32(0), count, status, failure, jnp.int32(persistent.DONE))
+    (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = jax.lax.while_loop(
+        go_on, segment, carry)
+    out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
+           status, failure)
+    # A barrier that ran out leaves the rings unusable: the running systems go back to the
+    # chunk's start, failed, having taken no step.
+    lost = (code == persistent.STUCK) & (count > 0) & (status != status_codes.FAILED)
+    atoms = gather_systems(lost, batch.system_index, False)[:, None]
+    start = (x4, jnp.zeros_like(v), jnp.zeros_like(f[:n]))
+    out = tuple(jnp.where(atoms, a, b) for a, b in zip(start, out[:3])) + out[3:5] + (
+        jnp.where(lost, 0, count), jnp.where(lost, status_codes.FAILED, status),
+        jnp.where(lost, int(status_codes.Failure.KERNEL_BARRIER), failure))
+    return out, nl

@@ -24,7 +24,7 @@ import numpy as np
 
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import status as status_codes
-from nvalchemi_jax.dynamics import leapfrog
+from nvalchemi_jax.dynamics import leapfrog, persistent
 from nvalchemi_jax.dynamics.resident import parts_for, plan as plan_resident, steps as resident_steps
 from nvalchemi_jax.dynamics.hooks.base import HookContext
 
@@ -45,12 +45,13 @@ CHUNK_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1, "xla_gpu_enable_cub
 
 
 def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused: bool = False,
-                parts: int = 0):
+                parts: int = 0, grid: int = 0):
     """``length`` steps in one ``lax.scan`` (steps at index >= ``limit`` or with no active
     system are skipped); with ``resident`` (from :func:`~nvalchemi_jax.dynamics.resident.plan`,
     the atoms per kernel program; ``parts``: programs per system, see
     :func:`~nvalchemi_jax.dynamics.resident.parts_for`), ``limit`` steps inside one kernel call instead; with
-    ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), NVE in leapfrog form. Each
+    ``fused`` (from :func:`~nvalchemi_jax.dynamics.leapfrog.plan`), NVE in leapfrog form (in the
+    persistent kernel with ``grid`` programs, see :mod:`~nvalchemi_jax.dynamics.persistent`). Each
     observer hook's records are written, on due steps only, into a device buffer with one row per due step (``length`` consecutive steps hold at most
     ``ceil(length / frequency)`` multiples of ``frequency``), so the host later fetches
     just those rows.
@@ -62,7 +63,7 @@ def chunk_steps(dyn, state, batch, limit, length: int, resident: int = 0, fused:
         state, went = resident_steps(dyn, state, batch, limit, resident, parts)
         return state, ((), _flags(dyn, state, batch, went))
     if fused:
-        state, went = leapfrog.steps(dyn, state, batch, limit, length)
+        state, went = leapfrog.steps(dyn, state, batch, limit, length, grid)
         return state, ((), _flags(dyn, state, batch, went))
 
     def empty_buffer(hook):
@@ -122,7 +123,7 @@ def _flags(dyn, state, batch, went):
 
 # Compiled at the top level only: JAX refuses compiler options on a jit nested in another
 # (jit `chunk_steps` with the options to use it inside a larger program).
-run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused", "parts"),
+run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused", "parts", "grid"),
                     compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
@@ -179,7 +180,7 @@ class Chunk:
 
 
 def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
-             fused: bool = False, parts: int = 0) -> Chunk:
+             fused: bool = False, parts: int = 0, grid: int = 0) -> Chunk:
     """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records to the host are queued too,
@@ -190,7 +191,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
         if prepare is not None:
             start = prepare(start)
         new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident,
-                                          fused=fused, parts=parts)
+                                          fused=fused, parts=parts, grid=grid)
         for leaf in jax.tree.leaves((buffers, flags)):
             leaf.copy_to_host_async()
         return start, new, buffers, flags
@@ -228,13 +229,15 @@ def hand_over(observers, buffers) -> None:
 
 
 def fused_paths(dyn, batch) -> dict:
-    """Host side: the static chunk options ``resident``, ``parts`` and ``fused`` of
+    """Host side: the static chunk options ``resident``, ``parts``, ``fused`` and ``grid`` of
     :func:`chunk_steps` for this run: resident systems where they qualify (split over
-    ``parts`` programs each when few run), else NVE in leapfrog form, else the engine's scan
-    (all 0 / False)."""
+    ``parts`` programs each when few run), else NVE in leapfrog form (in the persistent
+    kernel of ``grid`` programs where it runs), else the engine's scan (all 0 / False)."""
     resident = plan_resident(dyn, batch)
     parts = parts_for(batch.num_systems, resident) if resident else 0
-    return dict(resident=resident, parts=parts, fused=not resident and leapfrog.plan(dyn, batch))
+    fused = not resident and leapfrog.plan(dyn, batch)
+    grid = persistent.programs(batch.num_atoms) if fused else 0
+    return dict(resident=resident, parts=parts, fused=fused, grid=grid)
 
 
 def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, progress=False):

@@ -23,6 +23,7 @@ class Failure(enum.IntEnum):
     NONFINITE_STRESS = 4
     NONFINITE_CELL = 5
     DETECTED_BY_HOOK = 6
+    KERNEL_BARRIER = 7
 
 
 _MESSAGES = {
@@ -33,6 +34,8 @@ _MESSAGES = {
     Failure.NONFINITE_STRESS: "the model returned a non-finite stress",
     Failure.NONFINITE_CELL: "the cell became non-finite or singular",
     Failure.DETECTED_BY_HOOK: "a hook marked the system failed",
+    Failure.KERNEL_BARRIER: ("the persistent GPU kernel's programs did not all run at once "
+                             "(set NVALCHEMI_JAX_PERSISTENT=0)"),
 }
 
 

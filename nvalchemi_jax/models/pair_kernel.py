@@ -67,6 +67,33 @@ def _parameter_refs(params: dict, num_species: int):
     return names, flat, tables
 
 
+def kernel_arguments(term, cutoff: float, params: dict, rows: jax.Array | None, num_species: int,
+                     positions: jax.Array, cell: jax.Array, batch: Batch, nl: NeighborList,
+                     n_out: int):
+    """What :func:`row_sums` needs: its static settings (a dict) and, in the order a kernel
+    receives them, the neighbor table, shifts, system index, cells, species rows and pair
+    parameters (positions are passed separately, see :func:`pair_sums`)."""
+    n, k = nl.indices.shape
+    if rows is None:
+        rows = jnp.zeros((n,), jnp.int32)
+    names, flat, is_table = _parameter_refs(params, num_species)
+    settings = dict(n=n, k=k, s=cell.shape[0], num_species=num_species, term=term,
+                    names=tuple(names), is_table=tuple(is_table), rc2=float(cutoff) ** 2,
+                    n_out=n_out, dtype=positions.dtype, packed=nl.spec.shift_dtype == "packed")
+    inputs = [nl.indices.reshape(-1), nl.shifts.reshape(-1), batch.system_index,
+              cell.reshape(-1).astype(positions.dtype), rows,
+              *[v.astype(positions.dtype) for v in flat]]
+    return settings, inputs
+
+
+def padded_rows(positions: jax.Array) -> jax.Array:
+    """Positions as the kernels' rows (x, y, z, 0), flat: a neighbor's position is one
+    vector load, not three (H200, float32, 2026-11-29: 5-20 % faster,
+    results/pair_kernel_packed_positions_*)."""
+    padded = positions if positions.shape[-1] == 4 else jnp.pad(positions, ((0, 0), (0, 1)))
+    return padded.reshape(-1)
+
+
 def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_species: int,
               positions: jax.Array, cell: jax.Array, batch: Batch, nl: NeighborList,
               stress: bool, interpret: bool | None = None) -> list[jax.Array]:
@@ -79,45 +106,36 @@ def pair_sums(term, cutoff: float, params: dict, rows: jax.Array | None, num_spe
         tables (-1: no parameters), or ``None`` for scalar parameters only.
     interpret: run in Pallas' interpreter (default: when not on a GPU).
     """
-    n, k = nl.indices.shape
-    s = cell.shape[0]
-    if rows is None:
-        rows = jnp.zeros((n,), jnp.int32)
-    names, flat, is_table = _parameter_refs(params, num_species)
-    flat = [v.astype(positions.dtype) for v in flat]
+    n = nl.indices.shape[0]
     n_out = 10 if stress else 4
-    kernel = functools.partial(
-        _kernel, n=n, k=k, s=s, num_species=num_species, term=term, names=tuple(names),
-        is_table=tuple(is_table), rc2=float(cutoff) ** 2, n_out=n_out, dtype=positions.dtype,
-        packed=nl.spec.shift_dtype == "packed")
+    settings, inputs = kernel_arguments(term, cutoff, params, rows, num_species, positions, cell,
+                                        batch, nl, n_out)
     interpret = _pallas.interpreted(interpret)
     extra = _pallas.spare(interpret)      # masked-out lanes go to index n
     out_shape = [jax.ShapeDtypeStruct((n + extra,), positions.dtype)] * n_out
-    call = _pallas.call(kernel, out_shape, -(-n // BLOCK_ROWS), NUM_WARPS, "pair_sums", interpret,
-                        NUM_STAGES)
-    # Positions as rows (x, y, z, 0): a neighbor's position is one vector load, not three
-    # (H200, float32, 2026-11-29: 5-20 % faster, results/pair_kernel_packed_positions_*).
-    padded = positions if positions.shape[-1] == 4 else jnp.pad(positions, ((0, 0), (0, 1)))
-    outs = call(padded.reshape(-1), nl.indices.reshape(-1), nl.shifts.reshape(-1),
-                batch.system_index, cell.reshape(-1).astype(positions.dtype), rows, *flat)
+    call = _pallas.call(functools.partial(_kernel, **settings), out_shape, -(-n // BLOCK_ROWS),
+                        NUM_WARPS, "pair_sums", interpret, NUM_STAGES)
+    outs = call(padded_rows(positions), *inputs)
     return [out[:n] for out in outs]
 
 
-def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, k, s,
-            num_species, term, names, is_table, rc2, n_out, dtype, packed):
+def row_sums(i, live, pos_ref, offset, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, param_refs, *,
+             n, k, s, num_species, term, names, is_table, rc2, n_out, dtype, packed,
+             block_cols=None):
+    """In a kernel: the ``n_out`` row sums of :func:`pair_sums` for atoms ``i`` (``(R,)``,
+    clamped to real atoms; ``live`` marks the real ones), walking their rows ``block_cols``
+    neighbors at a time (default ``BLOCK_COLS``); positions are the rows (x, y, z, 0) at
+    ``pos_ref[offset:]``."""
     from jax.experimental import pallas as pl
-    param_refs, out_refs = refs[:len(names)], refs[len(names):]
-    i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
-    live = i < n
-    i = jnp.where(live, i, 0)
-    x_i = [pos_ref[i * 4 + a][:, None] for a in range(3)]
+    block_cols = block_cols or BLOCK_COLS
+    x_i = [pos_ref[offset + i * 4 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
     cell = frame_rows(cell_ref, system)          # image = Σ_r shift_r · cell[r]
     row_i = rows_ref[i][:, None]
     scalars = {name: ref[0] for name, ref, table in zip(names, param_refs, is_table) if not table}
 
     def block(b, acc):
-        col = b * BLOCK_COLS + jnp.arange(BLOCK_COLS, dtype=jnp.int32)
+        col = b * block_cols + jnp.arange(block_cols, dtype=jnp.int32)
         inside = live[:, None] & (col[None, :] < k)
         flat = jnp.where(inside, i[:, None] * k + col[None, :], 0)
         j = _pallas.load(idx_ref, flat, inside, n)
@@ -130,7 +148,7 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
             shift = [_pallas.load(shift_ref, flat * 3 + r, inside, 0).astype(dtype)
                      for r in range(3)]
         lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]    # one vector load per neighbor,
-        row = pos_ref[j[:, :, None] * 4 + lane]                  # its lanes split in registers
+        row = pos_ref[offset + j[:, :, None] * 4 + lane]         # its lanes split in registers
         x_j = [jnp.sum(jnp.where(lane == a, row, 0.0), axis=2) for a in range(3)]
         d, r2 = displacements(x_j, x_i, shift, cell)
         within = real & (r2 < rc2)
@@ -153,7 +171,19 @@ def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, 
 
     # Per-lane accumulators, summed over the columns once at the end: a row sum at every
     # block step would cost cross-thread shuffles per term and step.
-    zero = jnp.zeros((BLOCK_ROWS, BLOCK_COLS), dtype)
-    acc = jax.lax.fori_loop(0, pl.cdiv(k, BLOCK_COLS), block, (zero,) * n_out)
-    for ref, value in zip(out_refs, acc):
-        _pallas.store(ref, jnp.where(live, i, n), jnp.sum(value, axis=1), live)
+    zero = jnp.zeros((i.shape[0], block_cols), dtype)
+    acc = jax.lax.fori_loop(0, pl.cdiv(k, block_cols), block, (zero,) * n_out)
+    return [jnp.sum(value, axis=1) for value in acc]
+
+
+def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, **settings):
+    from jax.experimental import pallas as pl
+    names, n = settings["names"], settings["n"]
+    param_refs, out_refs = refs[:len(names)], refs[len(names):]
+    i = pl.program_id(0) * BLOCK_ROWS + jnp.arange(BLOCK_ROWS, dtype=jnp.int32)
+    live = i < n
+    i = jnp.where(live, i, 0)
+    sums = row_sums(i, live, pos_ref, 0, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, param_refs,
+                    **settings)
+    for ref, value in zip(out_refs, sums):
+        _pallas.store(ref, jnp.where(live, i, n), value, live)

@@ -1,0 +1,223 @@
+"""Leapfrog NVE of neighbor-listed systems in one persistent GPU kernel between rebuilds.
+
+:mod:`~nvalchemi_jax.dynamics.leapfrog` takes a step in the pair kernel and a few XLA
+kernels and conditionals; at 32,000 atoms on an H200 they cost three times the pair
+kernel itself (89 µs per step, 21 in the pair kernel). Here one kernel runs the steps:
+one program per multiprocessor, each owning a contiguous range of atoms, and per step
+
+1. the pair sums of its atoms at x_t (neighbors' positions gathered from all ranges),
+2. the same leapfrog update as :func:`~nvalchemi_jax.dynamics.leapfrog.evaluate_and_step`
+   for its atoms (x_{t+1} written to a ring of three position buffers, velocities and
+   per-atom energies to rings of two), with the largest displacement since the list's
+   build and whether a checked value is not finite,
+3. a grid-wide barrier (an atomic counter in global memory; its acquire makes the other
+   programs' x_{t+1} visible), after which every program reads the step's verdict.
+
+The kernel returns when the steps are done, when an atom moved past half the skin (the
+list is rebuilt in XLA, then the next kernel goes on), or when a value went non-finite:
+then step t's inputs are still in the rings, and XLA redoes step t with the engine's
+failure handling (:func:`leapfrog.steps`' ``advance``). The barrier needs every program
+running at once: the grid is at most one program per multiprocessor, and Triton compiles
+a program to fit one. Should a wait still run out (the GPU shared with another kernel),
+the chunk's running systems end failed (``Failure.KERNEL_BARRIER``), never silently wrong.
+
+``NVALCHEMI_JAX_PERSISTENT``: ``auto`` (on GPUs), ``0`` (never), ``1`` (always; off a GPU
+with one program in Pallas' interpreter, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from nvalchemi_jax import _pallas
+from nvalchemi_jax.models import pair_kernel
+
+#: Atoms per pair-sum tile and neighbors per inner step, Triton warps per program, atoms per
+#: block of the update pass, programs per multiprocessor (more than one may not all fit).
+ROWS = 128
+COLS = 16
+WARPS = 16
+ATOMS = 512
+PER_SM = 1
+#: Spin-wait iterations at a barrier before giving up (~1 s).
+MAX_SPIN = 1 << 21
+
+# Verdicts of a kernel call (``code``).
+DONE, REBUILD, NONFINITE, STUCK = 0, 1, 2, 3
+
+
+def programs(n_atoms: int) -> int:
+    """Host side: programs of the persistent kernel for ``n_atoms``, 0 when it is not used."""
+    mode = os.environ.get("NVALCHEMI_JAX_PERSISTENT", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"NVALCHEMI_JAX_PERSISTENT must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or n_atoms == 0:
+        return 0
+    sms = _pallas.multiprocessors()
+    if not sms:
+        return 1 if mode == "1" else 0
+    tiles = -(-n_atoms // ROWS)
+    return min(sms * PER_SM, tiles)
+
+
+def rows_per_program(n: int, grid: int) -> int:
+    return -(-n // (grid * ROWS)) * ROWS
+
+
+def call(term, cutoff, params, rows, num_species, rings, start, trips, *, kick, dt_atom,
+         count_atom, reference, skin, cell, batch, nl, grid, interpret=None):
+    """Steps ``start .. trips - 1`` (chunk indices) until done or a verdict.
+
+    rings: ``(x (3, M, 4), v (2, M, 3), e (2, M), e_prev (2, M))`` with ``M = N + spare``:
+    the positions x_t as kernel rows in slot ``t % 3``, the velocities v_{t-½} (v_0 at 0)
+    and per-atom energies at x_{t-1} and x_{t-2} in slot ``t % 2``.
+    kick, dt_atom, count_atom: per atom (see ``evaluate_and_step``); reference: ``(N, 3)``
+    the positions of the list's build.
+
+    Returns the rings, the forces at the last x evaluated, the next index and the verdict
+    (``DONE``, ``REBUILD`` at the next index, ``NONFINITE`` at the next index (not taken),
+    ``STUCK``).
+    """
+    interpret = _pallas.interpreted(interpret)
+    n = nl.indices.shape[0]
+    x_ring, v_ring, e_ring, ep_ring = rings
+    m = x_ring.shape[1]
+    dtype = x_ring.dtype
+    settings, inputs = pair_kernel.kernel_arguments(term, cutoff, params, rows, num_species, reference,
+                                                    cell, batch, nl, 4)
+    per = rows_per_program(n, grid)
+    grid = -(-n // per)
+    kernel = functools.partial(_kernel, **settings, m=m, per=per, skin=float(skin), interpret=interpret)
+    words = jnp.zeros((4,), jnp.int32)          # barrier counter, the verdicts of odd / even steps
+    shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    flat = lambda a: a.reshape(-1)
+    first = len(inputs) + 6                     # where the aliased inputs start
+    run = _pallas.call(kernel, [shape(flat(x_ring)), shape(flat(v_ring)), shape(flat(e_ring)),
+                                shape(flat(ep_ring)), shape(words),
+                                jax.ShapeDtypeStruct((3 * m,), dtype),
+                                jax.ShapeDtypeStruct((4 * m,), dtype),
+                                jax.ShapeDtypeStruct((2,), jnp.int32)],
+                       grid, WARPS, "persistent_nve", interpret,
+                       aliases={first + a: a for a in range(5)})
+    outs = run(*inputs, reference.reshape(-1).astype(dtype), kick, dt_atom, count_atom,
+               jnp.reshape(start, (1,)).astype(jnp.int32), jnp.reshape(trips, (1,)).astype(jnp.int32),
+               flat(x_ring), flat(v_ring), flat(e_ring), flat(ep_ring), words)
+    x_ring, v_ring, e_ring, ep_ring, _, f, _, result = outs
+    rings = (x_ring.reshape(3, m, 4), v_ring.reshape(2, m, 3), e_ring.reshape(2, m), ep_ring.reshape(2, m))
+    return rings, f.reshape(m, 3), result[0], result[1]
+
+
+def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, skin, interpret,
+            **settings):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    names, dtype = settings["names"], settings["dtype"]
+    param_refs = refs[:len(names)]
+    (ref_ref, kick_ref, dt_ref, count_ref, start_ref, trips_ref, _x, _v, _e, _ep, _w,
+     x_ring, v_ring, e_ring, ep_ring, words, f_out, sums, result) = refs[len(names):]
+    program = pl.program_id(0)
+    grid = pl.num_programs(0)
+    lo = program * per
+    hi = jnp.minimum(lo + per, n)
+    start, trips = start_ref[0], trips_ref[0]
+    put = lambda ref, index, value, live: _pallas.store(ref, jnp.where(live, index, ref.shape[0] - 1)
+                                                        if interpret else index, value, live)
+
+    def pair_pass(t):
+        xs = (t % 3) * m * 4
+
+        def tile(b, carry):
+            i = lo + b * ROWS + jnp.arange(ROWS, dtype=jnp.int32)
+            live = i < hi
+            i = jnp.where(live, i, 0)
+            out = pair_kernel.row_sums(i, live, x_ring, xs, idx_ref, shift_ref, sys_ref, cell_ref,
+                                       rows_ref, param_refs, n=n, block_cols=COLS, **settings)
+            for a, value in enumerate(out):
+                put(sums, a * m + i, value, live)
+            return carry
+
+        jax.lax.fori_loop(0, per // ROWS, tile, 0)
+
+    def update(t):
+        """The leapfrog update of this program's atoms at index t; returns the largest
+        squared displacement since the build and whether a checked value is not finite."""
+        xs, xn = (t % 3) * m * 4, ((t + 1) % 3) * m * 4
+        vs, vn = (t % 2) * m * 3, ((t + 1) % 2) * m * 3
+        es, en = (t % 2) * m, ((t + 1) % 2) * m
+
+        def block(c, carry):
+            far, bad = carry
+            i = lo + c * ATOMS + jnp.arange(ATOMS, dtype=jnp.int32)
+            live = i < hi
+            i = jnp.where(live, i, 0)
+            kick = kick_ref[i]
+            energy = sums[i]
+            force = [jnp.where(kick > 0, sums[(1 + a) * m + i], 0.0) for a in range(3)]
+            dt, count = dt_ref[i], count_ref[i]
+            half = 0.5 * dt * kick
+            finish = live & (t > 0) & (t <= count)      # the second half kick of step t - 1
+            move = live & (t < count)                   # the first half kick and drift of step t
+            x = [x_ring[xs + i * 4 + a] for a in range(3)]
+            v = [v_ring[vs + i * 3 + a] + jnp.where(finish, half * force[a], 0.0) for a in range(3)]
+            ok = jnp.isfinite(energy)
+            for a in range(3):
+                ok &= jnp.isfinite(force[a]) & jnp.isfinite(x[a]) & jnp.isfinite(v[a])
+            v = [v[a] + jnp.where(move, half * force[a], 0.0) for a in range(3)]
+            x_new = [x[a] + jnp.where(move, dt * v[a], 0.0) for a in range(3)]
+            moved = sum((x_new[a] - ref_ref[i * 3 + a]) ** 2 for a in range(3))
+            moved = jnp.where(live & (moved == moved), moved, 0.0)   # NaN: caught as non-finite
+            for a in range(4):
+                put(x_ring, xn + i * 4 + a, x_new[a] if a < 3 else jnp.zeros_like(energy), live)
+            for a in range(3):
+                put(v_ring, vn + i * 3 + a, v[a], live)
+                put(f_out, i * 3 + a, force[a], live)
+            put(e_ring, en + i, energy, live)
+            put(ep_ring, en + i, jnp.where(finish, e_ring[es + i], ep_ring[es + i]), live)
+            # (Triton has no boolean reductions.)
+            return jnp.maximum(far, jnp.max(moved)), jnp.maximum(bad, jnp.max((finish & ~ok).astype(jnp.int32)))
+
+        zero = jnp.zeros((), dtype)
+        return jax.lax.fori_loop(0, pl.cdiv(per, ATOMS), block, (zero, jnp.int32(0)))
+
+    def arrive_and_wait(t):
+        """The barrier after index t: False if it gave up waiting."""
+        target = (t - start + 1) * grid
+        seen = plgpu.atomic_add(words, 0, jnp.int32(1)) + 1
+        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN)
+        spin = lambda c: (plgpu.atomic_add(words, 0, jnp.int32(0)), c[1] + 1)
+        seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
+        return seen >= target
+
+    def body(carry):
+        t, _ = carry
+        pair_pass(t)
+        if not interpret:
+            plgpu.debug_barrier()       # the sums are written before they are read back
+        far, bad = update(t)
+        drift = 2.0 * jnp.sqrt(far)
+        beyond = drift > skin if skin > 0 else drift > 0
+        mine = jnp.where(bad > 0, NONFINITE, jnp.where(beyond, REBUILD, DONE)).astype(jnp.int32)
+        word = 1 + t % 2
+        if interpret:           # one program, run alone (no atomics in Pallas' interpreter loops)
+            return t + 1, mine
+        plgpu.debug_barrier()   # every thread's writes happen before the program arrives
+        plgpu.atomic_max(words, word, mine)
+        met = arrive_and_wait(t)
+        code = plgpu.atomic_add(words, word, jnp.int32(0))
+        code = jnp.where(met, code, STUCK)
+        # A program that gave up tells the others (arriving later) to stop too.
+        plgpu.atomic_max(words, word, jnp.where(met, DONE, STUCK).astype(jnp.int32))
+        return t + 1, code
+
+    t, code = jax.lax.while_loop(lambda c: (c[0] < trips) & (c[1] == DONE), body,
+                                 (start, jnp.int32(DONE)))
+
+    @pl.when(program == 0)
+    def _():
+        # A non-finite value at index t - 1: that step is redone by XLA from its inputs.
+        result[0] = jnp.where(code == NONFINITE, t - 1, t)
+        result[1] = code
