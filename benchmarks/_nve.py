@@ -18,7 +18,7 @@ import numpy as np
 
 import nvalchemi_jax as nj
 import peers
-from nvalchemi_jax.dynamics import NVE, resident
+from nvalchemi_jax.dynamics import NVE, persistent, resident
 from nvalchemi_jax.dynamics.run import fused_paths
 from nvalchemi_jax.models import LennardJones
 
@@ -62,6 +62,9 @@ def ours(positions, cell, velocities, steps, chunk, skin):
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "resident_parts": fused_paths(md, batch)["parts"],
             "split_tile": f"{resident.SPLIT_ROWS}x{resident.SPLIT_COLS}x{resident.SPLIT_WARPS}",
+            "persistent_grid": fused_paths(md, batch)["grid"],
+            "persistent_tile": (f"{persistent.ROWS}x{persistent.COLS}x{persistent.WARPS}"
+                                f"x{persistent.ATOMS}x{persistent.PER_SM}"),
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
@@ -69,7 +72,8 @@ def ours(positions, cell, velocities, steps, chunk, skin):
 def path(md, batch) -> str:
     """How our run steps: resident kernels, the leapfrog path, or the engine."""
     chosen = fused_paths(md, batch)
-    return "resident" if chosen["resident"] else "leapfrog" if chosen["fused"] else "engine"
+    return ("resident" if chosen["resident"] else "persistent" if chosen["grid"]
+            else "leapfrog" if chosen["fused"] else "engine")
 
 
 def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS):
@@ -106,6 +110,9 @@ def add_arguments(parser):
                         help="split resident kernel: least rows per program, columns, warps")
     parser.add_argument("--resident-tile", default=None, metavar="ROWSxCOLSxWARPS",
                         help="resident NVE kernel's tile and warps (default: the library's)")
+    parser.add_argument("--persistent-tile", default=None, metavar="ROWSxCOLSxWARPSxATOMSxPER_SM",
+                        help="persistent NVE kernel's tile, warps, update block and programs per "
+                             "multiprocessor (default: the library's)")
     parser.add_argument("--out", default=None)
 
 
@@ -117,6 +124,10 @@ def configure(args):
     if args.split_tile is not None:
         from nvalchemi_jax.dynamics import resident
         resident.SPLIT_ROWS, resident.SPLIT_COLS, resident.SPLIT_WARPS = (int(v) for v in args.split_tile.split("x"))
+    if args.persistent_tile is not None:
+        from nvalchemi_jax.dynamics import persistent
+        (persistent.ROWS, persistent.COLS, persistent.WARPS, persistent.ATOMS,
+         persistent.PER_SM) = (int(v) for v in args.persistent_tile.split("x"))
     if args.resident_tile is not None:
         from nvalchemi_jax.dynamics import resident
         resident.ROWS, resident.COLS, resident.NUM_WARPS = (int(v) for v in args.resident_tile.split("x"))

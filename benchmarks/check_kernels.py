@@ -2,12 +2,11 @@
 host (every pair within the list cutoff, once, by minimum image: these cells are more
 than twice the list cutoff wide), and the fused pair kernel against the XLA form (forces
 to float32 rounding), with int8 and packed shift storage, and resident NVE steps
-(:mod:`nvalchemi_jax.dynamics.resident`) and leapfrog NVE
-(:mod:`nvalchemi_jax.dynamics.leapfrog`) against the step-by-step engine. Exit status 1 if a
-neighbor table or the pair kernel is wrong (``run_h200.sh`` then falls back to
-``NVALCHEMI_JAX_KERNELS=xla``), 3 if only the resident kernel is (it then sets
-``NVALCHEMI_JAX_RESIDENT=0``), 4 if only the leapfrog path is (``NVALCHEMI_JAX_LEAPFROG=0``),
-5 if both are. Prints JSON lines.
+(:mod:`nvalchemi_jax.dynamics.resident`), leapfrog NVE (:mod:`nvalchemi_jax.dynamics.leapfrog`)
+and its persistent kernel (:mod:`nvalchemi_jax.dynamics.persistent`) against the step-by-step
+engine. Exit status 1 if a neighbor table or the pair kernel is wrong (``run_h200.sh`` then
+falls back to ``NVALCHEMI_JAX_KERNELS=xla``); else 8 + a bit per failed path (1 resident, 2
+leapfrog, 4 persistent: ``run_h200.sh`` turns those off), 0 if all passed. Prints JSON lines.
 
     python benchmarks/check_kernels.py
 """
@@ -78,16 +77,21 @@ def check(name, batch, method, shift_dtype="int8"):
 
 def check_path(name, batch, steps, path):
     """NVE by one of the fused paths (``resident``: steps held in one kernel program per
-    system, ``leapfrog``: the pair kernel and one integration pass per step) against the step-by-step engine (float32:
+    system, ``leapfrog``: the pair kernel and one integration pass per step, ``persistent``:
+    leapfrog steps in one kernel between rebuilds) against the step-by-step engine (float32:
     forces after one step to rounding; positions after ``steps`` steps, where rounding
     differences grow, to 1e-4 Å)."""
-    from nvalchemi_jax.dynamics import NVE, leapfrog, resident
+    from nvalchemi_jax.dynamics import NVE, leapfrog, persistent, resident
     md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=0.5)
     state = md.init(batch)
-    flags = {"resident": "NVALCHEMI_JAX_RESIDENT", "leapfrog": "NVALCHEMI_JAX_LEAPFROG"}
+    flags = {"resident": "NVALCHEMI_JAX_RESIDENT", "leapfrog": "NVALCHEMI_JAX_LEAPFROG",
+             "persistent": "NVALCHEMI_JAX_PERSISTENT"}
     before = {v: os.environ.get(v) for v in flags.values()}
     os.environ["NVALCHEMI_JAX_RESIDENT"] = "1" if path == "resident" else "0"
-    planned = resident.plan(md, batch) if path == "resident" else int(leapfrog.plan(md, batch))
+    os.environ["NVALCHEMI_JAX_PERSISTENT"] = "1" if path == "persistent" else "0"
+    planned = (resident.plan(md, batch) if path == "resident" else
+               persistent.programs(batch.num_atoms) * leapfrog.plan(md, batch) if path == "persistent"
+               else int(leapfrog.plan(md, batch)))
     out = {}
     for flag in ("1", "0"):
         os.environ[flags[path]] = flag
@@ -126,14 +130,18 @@ def main(argv=None):
             check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "resident"),
             check_path("W1 1 x 256", batch_of(*nve_inputs(1, 4)), 50, "resident"),
             check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "leapfrog"),
-            check_path("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), 50, "leapfrog")]
+            check_path("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), 50, "leapfrog"),
+            check_path("W1 64 x 256", batch_of(*nve_inputs(64, 4)), 50, "persistent"),
+            check_path("W2 1 x 4000", batch_of(*nve_inputs(1, 10)), 50, "persistent"),
+            check_path("W2 1 x 32000", batch_of(*nve_inputs(1, 20)), 50, "persistent")]
     if before is None:
         os.environ.pop("NVALCHEMI_JAX_KERNELS")
     emit([{"benchmark": "check_kernels", **r} for r in rows], args.out)
-    ok = {method: all(r["ok"] for r in rows if r["method"] == method) for method in ("resident", "leapfrog")}
-    kernels_ok = all(r["ok"] for r in rows if r["method"] not in ok)
-    paths = {(True, True): 0, (False, True): 3, (True, False): 4, (False, False): 5}
-    sys.exit(1 if not kernels_ok else paths[ok["resident"], ok["leapfrog"]])
+    paths = ("resident", "leapfrog", "persistent")
+    failed = sum(1 << b for b, method in enumerate(paths)
+                 if not all(r["ok"] for r in rows if r["method"] == method))
+    kernels_ok = all(r["ok"] for r in rows if r["method"] not in paths)
+    sys.exit(1 if not kernels_ok else 8 + failed if failed else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 #   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
 #   w3-device       W3 with inflight on device at three refill frequencies
 #   split           W1 at B = 1, 4, 64: resident systems split over programs vs not, alternating
+#   persistent      W2: the persistent leapfrog kernel vs XLA leapfrog steps, alternating, and
+#                   its tiles ($PERSISTENT_TILES)
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree. Run from the repository root on the H200 after
@@ -36,16 +38,20 @@ run() {  # name, seconds, script and its arguments
 }
 kernels="check_kernels_$part"
 timeout 240 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1
-case $? in
-  0) ;;
-  3|5) echo "resident NVE kernels failed their check (see $kernels.log): not used in this part"
-     export NVALCHEMI_JAX_RESIDENT=0 ;;&
-  4|5) echo "leapfrog NVE kernels failed their check (see $kernels.log): not used in this part"
-     export NVALCHEMI_JAX_LEAPFROG=0 ;;
-  3) ;;
-  *) echo "fused kernels failed their check (see $kernels.log): XLA forms for this part"
-     export NVALCHEMI_JAX_KERNELS=xla ;;
-esac
+checked=$?
+if [ $checked -ge 8 ] && [ $checked -lt 16 ]; then   # 8 + a bit per fused NVE path that failed
+  failed=$((checked - 8))
+  for bit in "1 RESIDENT" "2 LEAPFROG" "4 PERSISTENT"; do
+    set -- $bit
+    if [ $((failed & $1)) -ne 0 ]; then
+      echo "$2 NVE path failed its check (see $kernels.log): not used in this part"
+      export NVALCHEMI_JAX_$2=0
+    fi
+  done
+elif [ $checked -ne 0 ]; then
+  echo "fused kernels failed their check (see $kernels.log): XLA forms for this part"
+  export NVALCHEMI_JAX_KERNELS=xla
+fi
 for part in ${part//,/ }; do   # parts may be joined with commas: one kernel check for all
 case $part in
   profile)
@@ -114,6 +120,19 @@ case $part in
     done
     run profile_step_leapfrog 100 profile_step.py --batches --big 32000 256000 --skin 1.0 \
       --steps 100 --path leapfrog --trace ;;
+  persistent)   # W2: the persistent leapfrog kernel vs leapfrog steps in XLA, alternating, then tiles
+    if [ "${NVALCHEMI_JAX_PERSISTENT:-1}" = 0 ]; then echo "persistent: skipped (failed its check)"; continue; fi
+    for flag in 1 0 0 1; do
+      NVALCHEMI_JAX_PERSISTENT=$flag run w2_persistent_tmp 70 bench_w2_single.py --atoms 32000 256000 \
+        --steps 1000 --peers
+      cat "$out/w2_persistent_tmp_h200_$day.jsonl" >> "$out/w2_persistent_ab_h200_$day.jsonl"
+      rm -f "$out/w2_persistent_tmp_h200_$day.jsonl"
+    done
+    for tile in ${PERSISTENT_TILES:-64x16x8x512x1 256x16x32x1024x1 128x32x16x512x1 64x16x8x512x2}; do
+      run w2_ptile_tmp 50 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --persistent-tile $tile
+      cat "$out/w2_ptile_tmp_h200_$day.jsonl" >> "$out/w2_persistent_tiles_h200_$day.jsonl"
+      rm -f "$out/w2_ptile_tmp_h200_$day.jsonl"
+    done ;;
   leapfrog-peers)   # W2 with jax-md alongside (after install_peers.sh), and with a larger skin
     run w2_single 150 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md
     run w2_leapfrog_skin 60 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --skin 1.5 ;;
