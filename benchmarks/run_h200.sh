@@ -19,7 +19,7 @@
 #                   its tiles ($PERSISTENT_TILES)
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
-# to the XLA forms if they disagree. Run from the repository root on the H200 after
+# to the XLA forms if they disagree (CHECKED=<exit status> reuses an earlier check's). Run from the repository root on the H200 after
 # install_peers.sh; results (JSON lines + logs) go to $2 (default benchmarks/results).
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
@@ -37,8 +37,12 @@ run() {  # name, seconds, script and its arguments
   echo "$name: exit $? ($(grep -c . "$out/${name}_h200_$day.jsonl" 2>/dev/null || echo 0) rows)"
 }
 kernels="check_kernels_$part"
-timeout 240 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1
-checked=$?
+if [ -n "${CHECKED:-}" ]; then   # the check's exit status from an earlier run of check_kernels.py
+  checked=$CHECKED
+else
+  timeout 240 python3 check_kernels.py --out "$out/${kernels}_h200_$day.jsonl" > "$out/$kernels.log" 2>&1
+  checked=$?
+fi
 if [ $checked -ge 8 ] && [ $checked -lt 16 ]; then   # 8 + a bit per fused NVE path that failed
   failed=$((checked - 8))
   for bit in "1 RESIDENT" "2 LEAPFROG" "4 PERSISTENT"; do

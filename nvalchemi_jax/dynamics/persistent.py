@@ -200,7 +200,7 @@ def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, s
         far, bad = update(t)
         drift = 2.0 * jnp.sqrt(far)
         beyond = drift > skin if skin > 0 else drift > 0
-        mine = jnp.where(bad > 0, NONFINITE, jnp.where(beyond, REBUILD, DONE)).astype(jnp.int32)
+        mine = jnp.maximum(NONFINITE * jnp.minimum(bad, 1), REBUILD * beyond.astype(jnp.int32))
         word = 1 + t % 2
         if interpret:           # one program, run alone (no atomics in Pallas' interpreter loops)
             return t + 1, mine
@@ -210,7 +210,7 @@ def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, s
         code = plgpu.atomic_add(words, word, jnp.int32(0))
         code = jnp.where(met, code, STUCK)
         # A program that gave up tells the others (arriving later) to stop too.
-        plgpu.atomic_max(words, word, jnp.where(met, DONE, STUCK).astype(jnp.int32))
+        plgpu.atomic_max(words, word, STUCK * (1 - met.astype(jnp.int32)))
         return t + 1, code
 
     t, code = jax.lax.while_loop(lambda c: (c[0] < trips) & (c[1] == DONE), body,
