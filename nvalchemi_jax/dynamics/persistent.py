@@ -37,14 +37,20 @@ from nvalchemi_jax import _pallas
 from nvalchemi_jax.models import pair_kernel
 
 #: Atoms per pair-sum tile and neighbors per inner step, Triton warps per program, atoms per
-#: block of the update pass, programs per multiprocessor (more than one may not all fit).
+#: block of the update pass, programs per multiprocessor (more than one may not all fit),
+#: Triton's pipelining stages.
 ROWS = 128
 COLS = 16
 WARPS = 16
 ATOMS = 512
 PER_SM = 1
+STAGES = 1
 #: Spin-wait iterations at a barrier before giving up (~1 s).
 MAX_SPIN = 1 << 21
+
+#: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
+#: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
+_SKIP: frozenset = frozenset()
 
 # Verdicts of a kernel call (``code``).
 DONE, REBUILD, NONFINITE, STUCK = 0, 1, 2, 3
@@ -101,7 +107,7 @@ def call(term, cutoff, params, rows, num_species, rings, start, trips, *, kick, 
                                 jax.ShapeDtypeStruct((3 * m,), dtype),
                                 jax.ShapeDtypeStruct((4 * m,), dtype),
                                 jax.ShapeDtypeStruct((2,), jnp.int32)],
-                       grid, WARPS, "persistent_nve", interpret,
+                       grid, WARPS, "persistent_nve", interpret, STAGES,
                        aliases={first + a: a for a in range(5)})
     outs = run(*inputs, reference.reshape(-1).astype(dtype), kick, dt_atom, count_atom,
                jnp.reshape(start, (1,)).astype(jnp.int32), jnp.reshape(trips, (1,)).astype(jnp.int32),
@@ -188,29 +194,40 @@ def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, s
         target = (t - start + 1) * grid
         seen = plgpu.atomic_add(words, 0, jnp.int32(1)) + 1
         waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN)
-        spin = lambda c: (plgpu.atomic_add(words, 0, jnp.int32(0)), c[1] + 1)
+        # Spin on plain loads (read through to L2): atomics from every waiting program would
+        # queue on the counter's address ahead of the last arrivals.
+        first = jnp.zeros((1,), jnp.int32)
+        spin = lambda c: (jnp.max(plgpu.load(words.at[first], volatile=True)), c[1] + 1)
         seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
+        # An atomic read of the counter (acquire) orders this program's later loads after
+        # every arrival it counted: the other programs' x_{t+1} are visible from here on.
+        seen = jnp.maximum(seen, plgpu.atomic_add(words, 0, jnp.int32(0)))
         return seen >= target
 
     def body(carry):
         t, _ = carry
-        pair_pass(t)
+        if "pairs" not in _SKIP:
+            pair_pass(t)
         if not interpret:
             plgpu.debug_barrier()       # the sums are written before they are read back
         far, bad = update(t)
         drift = 2.0 * jnp.sqrt(far)
         beyond = drift > skin if skin > 0 else drift > 0
         mine = jnp.maximum(NONFINITE * jnp.minimum(bad, 1), REBUILD * beyond.astype(jnp.int32))
+        if "pairs" in _SKIP:        # forces from an unwritten buffer: no verdict
+            mine = jnp.int32(DONE)
         word = 1 + t % 2
         if interpret:           # one program, run alone (no atomics in Pallas' interpreter loops)
             return t + 1, mine
+        if "barrier" in _SKIP:
+            return t + 1, jnp.int32(DONE)
         plgpu.debug_barrier()   # every thread's writes happen before the program arrives
-        plgpu.atomic_max(words, word, mine)
+        plgpu.atomic_max(words, word, mine, mask=mine > 0)
         met = arrive_and_wait(t)
         code = plgpu.atomic_add(words, word, jnp.int32(0))
         code = jnp.where(met, code, STUCK)
         # A program that gave up tells the others (arriving later) to stop too.
-        plgpu.atomic_max(words, word, STUCK * (1 - met.astype(jnp.int32)))
+        plgpu.atomic_max(words, word, jnp.int32(STUCK), mask=~met)
         return t + 1, code
 
     t, code = jax.lax.while_loop(lambda c: (c[0] < trips) & (c[1] == DONE), body,
