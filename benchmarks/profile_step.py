@@ -19,7 +19,7 @@ from _report import emit, gpu_kernels, kernel_table, median_seconds
 from _nve import batch_of
 from peers import nve_inputs
 from nvalchemi_jax import _pallas, neighbors
-from nvalchemi_jax.dynamics import NVE, leapfrog
+from nvalchemi_jax.dynamics import NVE, leapfrog, persistent
 from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps
 from nvalchemi_jax.models import LennardJones, compute, pair_kernel
 
@@ -82,10 +82,12 @@ def profile(name, batch, steps, trace=False, skin=0.5, row_sums="separate", bloc
                                   state.positions, repeat=5)
     limit = jnp.asarray(steps, jnp.int32)
     row["path"] = path
-    fused = path == "leapfrog" and leapfrog.plan(md, batch)
-    if path == "leapfrog" and not fused:
-        raise SystemExit("--path leapfrog: this run does not qualify (on a GPU? NVALCHEMI_JAX_LEAPFROG?)")
-    chunk = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=steps, fused=fused)[0],
+    fused = path in ("leapfrog", "persistent") and leapfrog.plan(md, batch)
+    if path != "engine" and not fused:
+        raise SystemExit(f"--path {path}: this run does not qualify (on a GPU? NVALCHEMI_JAX_LEAPFROG?)")
+    grid = persistent.programs(atoms) if path == "persistent" else 0
+    row["grid"] = grid
+    chunk = jax.jit(lambda s: chunk_steps(md, s, batch, limit, length=steps, fused=fused, grid=grid)[0],
                     compiler_options=CHUNK_COMPILER_OPTIONS)
     t0 = time.perf_counter()
     state = jax.block_until_ready(chunk(state))
@@ -116,8 +118,9 @@ def main(argv=None):
     p.add_argument("--blocks", nargs="*", default=[],
                    help="fused-kernel blocks to time, rows x cols x warps, e.g. 64x16x4 32x32x2")
     p.add_argument("--method", default="auto", help="neighbor-list method (auto, all_pairs, cell_list)")
-    p.add_argument("--path", choices=("engine", "leapfrog"), default="engine",
-                   help="the chunk to time: the engine's scan or the leapfrog path's")
+    p.add_argument("--path", choices=("engine", "leapfrog", "persistent"), default="engine",
+                   help="the chunk to time: the engine's scan, leapfrog steps in XLA, or the "
+                        "persistent kernel")
     p.add_argument("--trace", action="store_true", help="add a per-kernel time table (GPU)")
     p.add_argument("--hlo-dir", default=None, help="write each chunk's optimized HLO here")
     p.add_argument("--out", default=None)

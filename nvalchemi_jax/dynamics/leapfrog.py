@@ -232,7 +232,14 @@ def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, k
     def segment(carry):
         return jax.lax.cond(carry[7] == persistent.NONFINITE, one_step, run_kernel, carry)
 
+    def maybe_segment(carry, _):
+        branch = jnp.where(go_on(carry), jnp.where(carry[7] == persistent.NONFINITE, 2, 1), 0)
+        return jax.lax.switch(branch, (lambda c: c, run_kernel, one_step), carry), None
+
     carry = (rings, pad(f), nl, jnp.int32(0), count, status, failure, jnp.int32(persistent.DONE))
+    # A fixed number of segments with a skip test first (a GPU runs them as CUDA graph
+    # conditionals), then a loop for any left (its test may be read on the host).
+    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=persistent.SEGMENTS)
     (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = jax.lax.while_loop(
         go_on, segment, carry)
     out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
