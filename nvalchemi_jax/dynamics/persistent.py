@@ -44,7 +44,7 @@ COLS = 16
 WARPS = 16
 ATOMS = 512
 PER_SM = 1
-STAGES = 1
+STAGES = 2
 #: Kernel calls per chunk taken as a fixed sequence of skippable segments (a rebuild or a
 #: non-finite step ends a call); more run in a loop of data-dependent length.
 SEGMENTS = 8
