@@ -122,6 +122,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--paths", nargs="*", default=None,
                    help="check only these NVE paths (resident, leapfrog, persistent) besides the tables")
+    p.add_argument("--cases", nargs="*", default=None, help="check the NVE paths on these cases only")
     p.add_argument("--no-tables", action="store_true",
                    help="skip the neighbor-table and pair-kernel checks (exit status as if they passed)")
     args = p.parse_args(argv)
@@ -136,9 +137,10 @@ def main(argv=None):
              ("W1 64 x 256", 64, 4, "persistent"), ("W2 1 x 4000", 1, 10, "persistent"),
              ("W2 1 x 32000", 1, 20, "persistent")]
     rows += [check_path(name, batch_of(*nve_inputs(count, repeats)), 50, path)
-             for name, count, repeats, path in paths if args.paths is None or path in args.paths]
+             for name, count, repeats, path in paths
+             if (args.paths is None or path in args.paths) and (args.cases is None or name in args.cases)]
     if before is None:
-        os.environ.pop("NVALCHEMI_JAX_KERNELS")
+        os.environ.pop("NVALCHEMI_JAX_KERNELS", None)
     emit([{"benchmark": "check_kernels", **r} for r in rows], args.out)
     paths = ("resident", "leapfrog", "persistent")
     failed = sum(1 << b for b, method in enumerate(paths)       # unchecked paths count as failed

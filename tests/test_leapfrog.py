@@ -156,3 +156,25 @@ def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64
     assert all("NVALCHEMI_JAX_PERSISTENT=0" in result.failures[s] for s in range(3))
     np.testing.assert_array_equal(np.asarray(result.state.positions), np.asarray(state.positions))
     np.testing.assert_array_equal(np.asarray(result.state.step), np.asarray(state.step))
+
+
+def test_how_many_programs_the_persistent_kernel_takes(monkeypatch):
+    """One per multiprocessor (fewer for small systems: whole tiles of rows); by default only
+    on GPUs and up to AUTO_MAX_ATOMS; forced on, one program in the interpreter elsewhere."""
+    from nvalchemi_jax import _pallas
+    monkeypatch.delenv("NVALCHEMI_JAX_PERSISTENT", raising=False)
+    monkeypatch.setattr(_pallas, "multiprocessors", lambda: 0)
+    assert persistent.programs(4000) == 0
+    monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "1")
+    assert persistent.programs(4000) == 1
+    monkeypatch.setattr(_pallas, "multiprocessors", lambda: 132)
+    assert persistent.programs(4000) == -(-4000 // persistent.ROWS) < 132
+    assert persistent.programs(10 * persistent.AUTO_MAX_ATOMS) == 132
+    monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "auto")
+    assert persistent.programs(32000) == 132
+    assert persistent.programs(persistent.AUTO_MAX_ATOMS + 1) == 0
+    monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "0")
+    assert persistent.programs(32000) == 0
+    monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="NVALCHEMI_JAX_PERSISTENT"):
+        persistent.programs(32000)
