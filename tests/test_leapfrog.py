@@ -6,9 +6,12 @@ so that small systems take this path."""
 
 import dataclasses
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 from nvalchemi_jax import neighbors
 from nvalchemi_jax.dynamics import NVE, ConvergenceHook, Criterion, NVTLangevin, leapfrog, persistent, resident
@@ -137,30 +140,105 @@ def test_which_runs_qualify(fused_only):
 
 def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64, fused_only):
     """Should the persistent kernel's programs not all run at once (its barrier gives up),
-    every running system fails with a reason that names the way out, back at the chunk's
-    start: nothing half-stepped is kept. (Simulated: the interpreter runs one program.)"""
+    the whole batch goes back to the chunk's start (its programs may have stopped at
+    different steps), and every system that was to run fails with a reason that names the
+    way out; one whose budget was spent is untouched. (Simulated: the interpreter runs one
+    program; the verdict is replaced after a real kernel call in mid-chunk.)"""
     fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", "1")
+    fused_only.setattr(persistent, "SEGMENTS", 2)
     real = persistent.call
+    calls = []
 
-    def gives_up(*args, **kwargs):
-        rings, f, index, _ = real(*args, **kwargs)
-        return rings, f, index, jnp.int32(persistent.STUCK)
+    def gives_up_later(*args, **kwargs):
+        rings, f, index, code = real(*args, **kwargs)
+        calls.append(None)
+        return rings, f, index, jnp.where(index > 3, persistent.STUCK, code)
 
-    fused_only.setattr(persistent, "call", gives_up)
-    batch = mixed_batch()
-    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=10, skin=0.2)
+    fused_only.setattr(persistent, "call", gives_up_later)
+    batch = mixed_batch(temperature=300.0)
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=10, skin=0.05)
     state = md.init(batch)
+    state = state.replace(step=state.step.at[2].set(10))        # system 2: budget spent
     assert fused_paths(md, batch)["grid"] == 1
     result = md.run(batch, state=state, chunk_size=10)
-    assert result.failed[:3].all()
-    assert all("NVALCHEMI_JAX_PERSISTENT=0" in result.failures[s] for s in range(3))
-    np.testing.assert_array_equal(np.asarray(result.state.positions), np.asarray(state.positions))
-    np.testing.assert_array_equal(np.asarray(result.state.step), np.asarray(state.step))
+    assert calls, "the kernel never ran"
+    assert result.failed[:3].tolist() == [True, True, False]
+    assert all("NVALCHEMI_JAX_PERSISTENT=0" in result.failures[s] for s in (0, 1))
+    end = result.state
+    for name in ("positions", "energy", "previous_energy", "step"):
+        np.testing.assert_array_equal(np.asarray(getattr(end, name)), np.asarray(getattr(state, name)),
+                                      err_msg=name)
+    lost = np.asarray(batch.system_index) < 2
+    for name in ("velocities", "forces"):
+        np.testing.assert_array_equal(np.asarray(getattr(end, name))[lost], 0.0, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(getattr(end, name))[~lost],
+                                      np.asarray(getattr(state, name))[~lost], err_msg=name)
+
+
+def test_a_system_failing_late_in_a_kernel_call(x64, kernels):
+    """A model that goes non-finite for pairs closer than 3.2 Å, and an atom thrown at its
+    neighbor: its system fails at a later step of a kernel call (after the position ring
+    wrapped), is put back to its last finite step as the engine does, and the others run on
+    (one of them with fewer steps left than the chunk takes): every field, the previous
+    energies included, equals the engine's."""
+
+    @struct.dataclass
+    class Brittle(LennardJones):
+        def pair_term(self, r2, p):
+            return jnp.where(r2 < 3.2 ** 2, jnp.nan, LennardJones.pair_term(self, r2, p))
+
+    batch = mixed_batch()
+    batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
+    md = NVE(model=Brittle(**SHORT, shift=True), dt=4.0, n_steps=12, skin=2.0)
+    state = md.init(batch)
+    atoms = np.flatnonzero(np.asarray(batch.system_index) == 1)
+    x = np.asarray(batch.positions)[atoms]
+    gap = np.linalg.norm(x[1:] - x[0], axis=-1)
+    toward = (x[1:][np.argmin(gap)] - x[0]) / gap.min()          # atom 0 -> its nearest neighbor
+    state = state.replace(velocities=state.velocities.at[atoms[0]].set(0.05 * toward),
+                          step=state.step.at[0].set(5))      # system 0: 7 steps left, not 12
+    fast, slow = run_both(kernels, md, batch, state=state, chunk_size=12)
+    assert fast.failed[:3].tolist() == [False, True, False] == slow.failed[:3].tolist()
+    # Non-finite at x_i (i >= 3), put back to x_{i-1}: by then x_i has overwritten x_{i-3}'s
+    # ring slot, so the slot read for x_{i-1} is one the ring has come round to.
+    assert int(slow.state.step[1]) >= 2
+    assert_same_states(fast.state, slow.state)
+
+
+def test_programs_share_out_the_atoms(x64, fused_only):
+    """Several programs, each owning a range of atoms, take a step as one program does (one
+    step per call: Pallas' interpreter runs programs one after another, so no barrier)."""
+    from nvalchemi_jax.models.pair import symmetric
+    fused_only.setattr(persistent, "ROWS", 32)
+    fused_only.setattr(persistent, "ATOMS", 16)
+    batch = mixed_batch(temperature=300.0)
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=10)
+    state = md.init(batch)
+    n, dtype = batch.num_atoms, state.positions.dtype
+    pad = lambda a: jnp.pad(a, ((0, 1),) + ((0, 0),) * (a.ndim - 1))      # the interpreter's spare row
+    rings = (jnp.zeros((3, n + 1, 4), dtype).at[0].set(pad(jnp.pad(state.positions, ((0, 0), (0, 1))))),
+             jnp.zeros((2, n + 1, 3), dtype).at[0].set(pad(state.velocities)),
+             jnp.zeros((2, n + 1), dtype), jnp.zeros((2, n + 1), dtype))
+    params = {k: symmetric(v) for k, v in md.model.pair_parameters().items()}
+    out = {}
+    for grid in (1, 3):
+        assert persistent.rows_per_program(n, grid) * (grid - 1) < n
+        out[grid] = persistent.call(
+            md.model.pair_term, md.model.cutoff, params, None, 1, rings, jnp.int32(0), jnp.int32(1),
+            kick=pad(jnp.full((n,), 1e-3, dtype)), dt_atom=pad(jnp.full((n,), 4.0, dtype)),
+            count_atom=pad(jnp.full((n,), 5, jnp.int32)), reference=state.neighbors.reference_positions,
+            skin=md.skin, cell=state.cell, batch=batch, nl=state.neighbors, grid=grid)
+    moved = np.asarray(out[1][0][0][1, :n, :3]) - np.asarray(state.positions)
+    assert np.abs(moved).max() > 0
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[3])):
+        np.testing.assert_array_equal(np.asarray(a)[..., :n] if np.ndim(a) == 1 else np.asarray(a),
+                                      np.asarray(b)[..., :n] if np.ndim(b) == 1 else np.asarray(b))
 
 
 def test_how_many_programs_the_persistent_kernel_takes(monkeypatch):
-    """One per multiprocessor (fewer for small systems: whole tiles of rows); by default only
-    on GPUs and up to AUTO_MAX_ATOMS; forced on, one program in the interpreter elsewhere."""
+    """At most one per multiprocessor, each owning whole tiles of rows (every program owns
+    atoms); by default only on GPUs and up to AUTO_MAX_ATOMS; forced on, one program in the
+    interpreter elsewhere."""
     from nvalchemi_jax import _pallas
     monkeypatch.delenv("NVALCHEMI_JAX_PERSISTENT", raising=False)
     monkeypatch.setattr(_pallas, "multiprocessors", lambda: 0)
@@ -171,7 +249,9 @@ def test_how_many_programs_the_persistent_kernel_takes(monkeypatch):
     assert persistent.programs(4000) == -(-4000 // persistent.ROWS) < 132
     assert persistent.programs(10 * persistent.AUTO_MAX_ATOMS) == 132
     monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "auto")
-    assert persistent.programs(32000) == 132
+    grid = persistent.programs(32000)
+    per = persistent.rows_per_program(32000, grid)
+    assert grid == 125 and per == 2 * persistent.ROWS and (grid - 1) * per < 32000 <= grid * per
     assert persistent.programs(persistent.AUTO_MAX_ATOMS + 1) == 0
     monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "0")
     assert persistent.programs(32000) == 0

@@ -62,7 +62,7 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     start = state
     model = dyn.model
     active = dyn.running(state, batch)
-    count = resident.step_counts(dyn, state, batch, limit)
+    count = planned = resident.step_counts(dyn, state, batch, limit)
     most = jnp.max(count)
     trips = jnp.where(most > 0, most + 1, 0)
     dtype = state.positions.dtype
@@ -126,25 +126,37 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     x4 = jnp.pad(state.positions, ((0, 0), (0, 1)))
     zero = jnp.zeros(n, dtype)
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
+    stuck = None
     if grid:
-        out, nl = _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, skin=skin,
-                                    kick=kick, dt=state.stage.system["dt"], model=model,
-                                    params=params, rows=rows, num_species=num_species, cell=state.cell)
+        out, nl, stuck = _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, skin=skin,
+                                           kick=kick, dt=state.stage.system["dt"], model=model,
+                                           params=params, rows=rows, num_species=num_species,
+                                           cell=state.cell)
     else:
         (out, _, nl), _ = jax.lax.scan(body, (out, x4, nl), jnp.arange(length + 1, dtype=jnp.int32))
     x4, v, f, e, e_prev, count, status, failure = out
 
     ran = trips > 0
     energy = jnp.where(ran, sum_systems(e, batch), state.energy)
-    # The engine's compute sets the previous energy of every system, moved or not.
-    previous = jnp.where(count > 0, sum_systems(e_prev, batch),
-                         jnp.where(ran, energy, state.previous_energy))
+    # The engine's compute sets the previous energy of every system at every step, moved or
+    # not: a system whose last step (or the step it failed at) came before the chunk's last
+    # ends with its energy as the previous one; one that stepped (or failed) at the last
+    # step keeps the energy before it (before the chunk, if that was its first step).
+    failed_now = (status == status_codes.FAILED) & (start.status != status_codes.FAILED)
+    last = jnp.where(failed_now, count + 1, count)
+    at_end = (last == most) & (last > 0)
+    previous = jnp.where(at_end & (count > 0), sum_systems(e_prev, batch),
+                         jnp.where(at_end | ~ran, state.previous_energy, energy))
     state = state.replace(positions=x4[:, :3], velocities=v, forces=f, energy=energy,
                           previous_energy=previous, status=status, failure=failure, neighbors=nl,
                           step=state.step + count)
+    if stuck is not None:
+        lost = _barrier_lost(start, batch, planned)
+        state = jax.tree.map(lambda a, b: jnp.where(stuck, a, b), lost, state)
+        count = jnp.where(stuck, 0, count)
     state, _ = dyn._converge(state, batch, active)
     # A failed step counts as a step taken (the engine's scan took it).
-    failed = (status == status_codes.FAILED) & (start.status != status_codes.FAILED)
+    failed = (state.status == status_codes.FAILED) & (start.status != status_codes.FAILED)
     taken = jnp.max(jnp.where(failed, count + 1, count))
     return state.replace(global_step=state.global_step + taken), taken
 
@@ -190,7 +202,7 @@ def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, k
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
     index i, index i is taken by ``advance`` (the engine's failure handling), then the
-    kernel goes on. Should the kernel's barrier run out, every running system fails."""
+    kernel goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`)."""
     x4, v, f, e, e_prev, count, status, failure = out
     n = x4.shape[0]
     spare = _pallas.spare(_pallas.interpreted(None))
@@ -244,12 +256,18 @@ def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, k
         go_on, segment, carry)
     out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
            status, failure)
-    # A barrier that ran out leaves the rings unusable: the running systems go back to the
-    # chunk's start, failed, having taken no step.
-    lost = (code == persistent.STUCK) & (count > 0) & (status != status_codes.FAILED)
-    atoms = gather_systems(lost, batch.system_index, False)[:, None]
-    start = (x4, jnp.zeros_like(v), jnp.zeros_like(f[:n]))
-    out = tuple(jnp.where(atoms, a, b) for a, b in zip(start, out[:3])) + out[3:5] + (
-        jnp.where(lost, 0, count), jnp.where(lost, status_codes.FAILED, status),
-        jnp.where(lost, int(status_codes.Failure.KERNEL_BARRIER), failure))
-    return out, nl
+    return out, nl, code == persistent.STUCK
+
+
+def _barrier_lost(start, batch, count):
+    """The chunk's outcome when the persistent kernel's barrier ran out: its programs may
+    have stopped at different steps, so nothing in the rings can be trusted. The whole batch
+    goes back to the chunk's ``start`` (list included); the systems that were to run
+    (``count > 0``) fail as the engine fails one (velocities and forces zeroed)."""
+    running = (count > 0) & (start.status != status_codes.FAILED)
+    atoms = gather_systems(running, batch.system_index, False)[:, None]
+    lost = start.replace(status=jnp.where(running, status_codes.FAILED, start.status),
+                         failure=jnp.where(running, int(status_codes.Failure.KERNEL_BARRIER), start.failure),
+                         velocities=jnp.where(atoms, 0.0, start.velocities),
+                         forces=jnp.where(atoms, 0.0, start.forces))
+    return lost

@@ -2,8 +2,8 @@
 
 :mod:`~nvalchemi_jax.dynamics.leapfrog` takes a step in the pair kernel and a few XLA
 kernels and conditionals; at 32,000 atoms on an H200 they cost three times the pair
-kernel itself (89 µs per step, 21 in the pair kernel). Here one kernel runs the steps:
-one program per multiprocessor, each owning a contiguous range of atoms, and per step
+kernel itself (89 µs per step, 21 in the pair kernel). Here one kernel runs the steps: at
+most one program per multiprocessor, each owning a contiguous range of atoms, and per step
 
 1. the pair sums of its atoms at x_t (neighbors' positions gathered from all ranges),
 2. the same leapfrog update as :func:`~nvalchemi_jax.dynamics.leapfrog.evaluate_and_step`
@@ -71,8 +71,9 @@ DONE, REBUILD, NONFINITE, STUCK = 0, 1, 2, 3
 
 
 def programs(n_atoms: int) -> int:
-    """Host side: programs of the persistent kernel for a batch of ``n_atoms``, 0 when it is
-    not used (``auto``: on GPUs, up to ``AUTO_MAX_ATOMS``)."""
+    """Host side: programs of the persistent kernel for a batch of ``n_atoms`` (at most
+    ``PER_SM`` per multiprocessor, each owning whole tiles of rows), 0 when it is not used
+    (``auto``: on GPUs, up to ``AUTO_MAX_ATOMS``)."""
     mode = os.environ.get("NVALCHEMI_JAX_PERSISTENT", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"NVALCHEMI_JAX_PERSISTENT must be auto, 0 or 1, got {mode!r}")
@@ -81,8 +82,8 @@ def programs(n_atoms: int) -> int:
     sms = _pallas.multiprocessors()
     if not sms:
         return 1 if mode == "1" else 0
-    tiles = -(-n_atoms // ROWS)
-    return min(sms * PER_SM, tiles)
+    grid = min(sms * PER_SM, -(-n_atoms // ROWS))
+    return -(-n_atoms // rows_per_program(n_atoms, grid))    # programs that own atoms
 
 
 def rows_per_program(n: int, grid: int) -> int:
@@ -113,7 +114,7 @@ def call(term, cutoff, params, rows, num_species, rings, start, trips, *, kick, 
     per = rows_per_program(n, grid)
     grid = -(-n // per)
     kernel = functools.partial(_kernel, **settings, m=m, per=per, skin=float(skin), interpret=interpret)
-    words = jnp.zeros((4,), jnp.int32)          # barrier counter, the verdicts of odd / even steps
+    words = jnp.zeros((4,), jnp.int32)          # barrier counter, the verdicts of even / odd steps
     shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     flat = lambda a: a.reshape(-1)
     first = len(inputs) + 6                     # where the aliased inputs start
