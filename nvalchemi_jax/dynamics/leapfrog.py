@@ -128,7 +128,7 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
     stuck = None
     if grid:
-        out, nl, stuck = _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, skin=skin,
+        out, nl, stuck = _persistent_steps(advance, out, nl, trips, grid, batch, skin=skin,
                                            kick=kick, dt=state.stage.system["dt"], model=model,
                                            params=params, rows=rows, num_species=num_species,
                                            cell=state.cell)
@@ -196,8 +196,8 @@ def evaluate_and_step(term, cutoff, params, rows, num_species, x4, v, e, e_prev,
             jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
 
 
-def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, kick, dt, model, params,
-                      rows, num_species, cell):
+def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, model, params, rows,
+                      num_species, cell):
     """The chunk's indices ``0 .. trips - 1`` as :func:`steps`' scan takes them, in calls of
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
@@ -205,8 +205,7 @@ def _persistent_steps(evaluate, advance, out, nl, trips, grid, batch, *, skin, k
     kernel goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`)."""
     x4, v, f, e, e_prev, count, status, failure = out
     n = x4.shape[0]
-    spare = _pallas.spare(_pallas.interpreted(None))
-    m = n + spare
+    spare = _pallas.spare(_pallas.interpreted(None))     # the interpreter's row for masked stores
     dtype = x4.dtype
     pad = lambda a: jnp.pad(a, ((0, spare),) + ((0, 0),) * (a.ndim - 1))
     slots = lambda a, k: jnp.zeros((k,) + pad(a).shape, dtype).at[0].set(pad(a))
