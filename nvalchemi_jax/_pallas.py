@@ -72,3 +72,29 @@ def store(ref, index, value, mask):
     """Masked scatter ``ref[index] = value`` where ``mask``."""
     from jax.experimental.pallas import triton as plgpu
     plgpu.store(ref.at[index], value, mask=mask)
+
+
+#: Spin-wait iterations of :func:`barrier` before it gives up (~1 s).
+MAX_SPIN = 1 << 21
+
+
+def barrier(counter, index, target, skip=None):
+    """In a GPU kernel, a barrier among programs: arrive at ``counter[index]`` (an int32
+    counter in global memory, zero at the start) and wait until it reaches ``target``;
+    returns whether it did (False: gave up after ``MAX_SPIN`` spins, or did not wait because
+    ``skip``). Needs every program it waits for running at once.
+
+    The wait spins on plain loads (read through to L2): atomics from every waiting program
+    would queue on the counter's address ahead of the last arrivals. One atomic read of the
+    counter (acquire) then orders this program's later loads after every arrival it counted,
+    so the other programs' writes before they arrived are visible from here on."""
+    import jax.numpy as jnp
+    from jax.experimental.pallas import triton as plgpu
+    seen = plgpu.atomic_add(counter, index, jnp.int32(1)) + 1
+    go = (lambda c: c) if skip is None else (lambda c: c & ~skip)
+    waiting = lambda c: go((c[0] < target) & (c[1] < MAX_SPIN))
+    at = jnp.full((1,), index, jnp.int32)
+    spin = lambda c: (jnp.max(plgpu.load(counter.at[at], volatile=True)), c[1] + 1)
+    seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
+    seen = jnp.maximum(seen, plgpu.atomic_add(counter, index, jnp.int32(0)))
+    return seen >= target

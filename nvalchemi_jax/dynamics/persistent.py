@@ -59,9 +59,6 @@ AUTO_MAX_ATOMS = 65_536
 #: Kernel calls per chunk taken as a fixed sequence of skippable segments (a rebuild or a
 #: non-finite step ends a call); more run in a loop of data-dependent length.
 SEGMENTS = 8
-#: Spin-wait iterations at a barrier before giving up (~1 s).
-MAX_SPIN = 1 << 21
-
 #: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
 #: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
 _SKIP: frozenset = frozenset()
@@ -205,20 +202,6 @@ def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, s
         zero = jnp.zeros((), dtype)
         return jax.lax.fori_loop(0, pl.cdiv(per, ATOMS), block, (zero, jnp.int32(0)))
 
-    def arrive_and_wait(t):
-        """The barrier after index t: False if it gave up waiting."""
-        target = (t - start + 1) * grid
-        seen = plgpu.atomic_add(words, 0, jnp.int32(1)) + 1
-        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN)
-        # Spin on plain loads (read through to L2): atomics from every waiting program would
-        # queue on the counter's address ahead of the last arrivals.
-        first = jnp.zeros((1,), jnp.int32)
-        spin = lambda c: (jnp.max(plgpu.load(words.at[first], volatile=True)), c[1] + 1)
-        seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
-        # An atomic read of the counter (acquire) orders this program's later loads after
-        # every arrival it counted: the other programs' x_{t+1} are visible from here on.
-        seen = jnp.maximum(seen, plgpu.atomic_add(words, 0, jnp.int32(0)))
-        return seen >= target
 
     def body(carry):
         t, _ = carry
@@ -239,7 +222,7 @@ def _kernel(idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, n, m, per, s
             return t + 1, mine * 0
         plgpu.debug_barrier()   # every thread's writes happen before the program arrives
         plgpu.atomic_max(words, word, mine, mask=mine > 0)
-        met = arrive_and_wait(t)
+        met = _pallas.barrier(words, 0, (t - start + 1) * grid)   # after index t
         code = plgpu.atomic_add(words, word, jnp.int32(0))
         code = jnp.where(met, code, STUCK)
         # A program that gave up tells the others (arriving later) to stop too.

@@ -57,10 +57,6 @@ MIN_WIDTH = 32
 SPLIT_ROWS = 8
 SPLIT_COLS = 32
 SPLIT_WARPS = 4
-#: Spin-wait iterations of a split system's per-step barrier before it gives up (~1 s; its
-#: programs could only wait that long if they were not all running at once, which
-#: :func:`parts_for` rules out): the system then ends non-finite and is failed.
-MAX_SPIN = 1 << 21
 
 
 def enabled() -> bool:
@@ -378,8 +374,10 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
                   interpret):
     """:func:`_kernel` for few systems: program ``p`` of a system evaluates the forces on its
     ``width / parts`` rows against every atom, writes them to a shared buffer, and waits at a
-    barrier for the system's other programs (an atomic counter in global memory, spun on
-    with atomics, which read through to L2); then every program reads all forces (volatile
+    barrier for the system's other programs (:func:`~nvalchemi_jax._pallas.barrier`, which
+    gives up after ``_pallas.MAX_SPIN`` spins: the programs could only wait that long if they
+    were not all running at once, which :func:`parts_for` rules out; the system then ends
+    non-finite and is failed); then every program reads all forces (volatile
     loads: a cached line of another program's writes could be stale) and integrates the whole
     system itself, so all of them hold the same positions without exchanging them. One
     barrier per step; the forces buffer alternates between two halves by step, so a program
@@ -424,12 +422,7 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         then it no longer waits, and its results are NaN, see below)."""
         if interpret:       # one part there (programs run one after another; no atomics)
             return stuck
-        target = (t + 1) * parts
-        seen = plgpu.atomic_add(counter, system, jnp.int32(1)) + 1
-        waiting = lambda c: (c[0] < target) & (c[1] < MAX_SPIN) & ~stuck
-        spin = lambda c: (plgpu.atomic_add(counter, system, jnp.int32(0)), c[1] + 1)
-        seen, _ = jax.lax.while_loop(waiting, spin, (seen, jnp.int32(0)))
-        return seen < target
+        return stuck | ~_pallas.barrier(counter, system, (t + 1) * parts, skip=stuck)
 
     def step(t, carry):
         x, v, f, energy, previous, stuck = carry
