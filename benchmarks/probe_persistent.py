@@ -56,9 +56,8 @@ def main(argv=None):
         rows.append({"case": f"W2 1 x {n}", "variant": "pair kernel alone", "us_per_step": seconds * 1e6})
         print(rows[-1], flush=True)
         x4 = jnp.pad(state.positions, ((0, 0), (0, 1)))
-        rings = (jnp.zeros((3, n, 4), dtype).at[0].set(x4),
-                 jnp.zeros((2, n, 3), dtype).at[0].set(state.velocities),
-                 jnp.zeros((2, n), dtype), jnp.zeros((2, n), dtype))
+        zero = jnp.zeros((n,), dtype)
+        rings = persistent.rings_at_start(x4, state.velocities, zero, zero)
         kick = jnp.full((n,), 1e-3, dtype)
         for variant in args.variants:
             tile, _, skip = variant.partition(":")

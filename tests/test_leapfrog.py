@@ -216,9 +216,9 @@ def test_programs_share_out_the_atoms(x64, fused_only):
     state = md.init(batch)
     n, dtype = batch.num_atoms, state.positions.dtype
     pad = lambda a: jnp.pad(a, ((0, 1),) + ((0, 0),) * (a.ndim - 1))      # the interpreter's spare row
-    rings = (jnp.zeros((3, n + 1, 4), dtype).at[0].set(pad(jnp.pad(state.positions, ((0, 0), (0, 1))))),
-             jnp.zeros((2, n + 1, 3), dtype).at[0].set(pad(state.velocities)),
-             jnp.zeros((2, n + 1), dtype), jnp.zeros((2, n + 1), dtype))
+    zero = jnp.zeros((n,), dtype)
+    rings = persistent.rings_at_start(jnp.pad(state.positions, ((0, 0), (0, 1))), state.velocities, zero,
+                                      zero, spare=1)
     params = {k: symmetric(v) for k, v in md.model.pair_parameters().items()}
     out = {}
     for grid in (1, 3):

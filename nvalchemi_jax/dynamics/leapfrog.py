@@ -208,8 +208,7 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     spare = _pallas.spare(_pallas.interpreted(None))     # the interpreter's row for masked stores
     dtype = x4.dtype
     pad = lambda a: jnp.pad(a, ((0, spare),) + ((0, 0),) * (a.ndim - 1))
-    slots = lambda a, k: jnp.zeros((k,) + pad(a).shape, dtype).at[0].set(pad(a))
-    rings = (slots(x4, 3), slots(v, 2), slots(e, 2), slots(e_prev, 2))
+    rings = persistent.rings_at_start(x4, v, e, e_prev, spare)
     dt_atom = pad(gather_systems(dt.astype(dtype), batch.system_index))
     kick_m = pad(kick)
 

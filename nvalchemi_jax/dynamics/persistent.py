@@ -87,6 +87,15 @@ def rows_per_program(n: int, grid: int) -> int:
     return -(-n // (grid * ROWS)) * ROWS
 
 
+def rings_at_start(x4, v, e, e_prev, spare: int = 0):
+    """The rings :func:`call` takes, holding index 0's inputs: positions ``x4 (N, 4)``
+    (kernel rows), velocities ``(N, 3)``, per-atom energies ``e, e_prev (N,)``; each slot
+    ``spare`` rows longer (Pallas' interpreter writes masked-out lanes there)."""
+    pad = lambda a: jnp.pad(a, ((0, spare),) + ((0, 0),) * (a.ndim - 1))
+    slots = lambda a, k: jnp.zeros((k,) + pad(a).shape, a.dtype).at[0].set(pad(a))
+    return slots(x4, 3), slots(v, 2), slots(e, 2), slots(e_prev, 2)
+
+
 def call(term, cutoff, params, rows, num_species, rings, start, trips, *, kick, dt_atom,
          count_atom, reference, skin, cell, batch, nl, grid, interpret=None):
     """Steps ``start .. trips - 1`` (chunk indices) until done or a verdict.
