@@ -12,11 +12,14 @@
 #   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
 #   leapfrog        W2 by the leapfrog path against the engine, alternating rounds, and a
 #                   kernel table of its step
-#   leapfrog-peers  W2 with jax-md alongside, and with a 1.5 Å skin
+#   w2-peers        W2 with jax-md alongside (1,000 steps)
+#   persistent-profile  kernel table of a chunk in the persistent kernel (32,000 atoms)
 #   w3-device       W3 with inflight on device at three refill frequencies
 #   split           W1 at B = 1, 4, 64: resident systems split over programs vs not, alternating
 #   persistent      W2: the persistent leapfrog kernel vs XLA leapfrog steps, alternating, and
 #                   its tiles ($PERSISTENT_TILES)
+#   skin            W2 at the skins $SKINS (default 1.0 1.3 1.4 Å), ours only
+#   skin-persistent W2 at 256,000 atoms in the persistent kernel at $PERSISTENT_SKIN (1.3 Å)
 # Parts joined with commas (resident,shifts-w2) share one kernel check.
 # Each part first checks the fused kernels against the XLA forms on this GPU and falls back
 # to the XLA forms if they disagree (CHECKED=<exit status> reuses an earlier check's). Run from the repository root on the H200 after
@@ -139,9 +142,21 @@ case $part in
       cat "$out/w2_ptile_tmp_h200_$day.jsonl" >> "$out/w2_persistent_tiles_h200_$day.jsonl"
       rm -f "$out/w2_ptile_tmp_h200_$day.jsonl"
     done ;;
-  leapfrog-peers)   # W2 with jax-md alongside (after install_peers.sh), and with a larger skin
-    run w2_single 150 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md
-    run w2_leapfrog_skin 60 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --skin 1.5 ;;
+  skin)   # W2 at three skins (ours only, default paths)
+    for skin in ${SKINS:-1.0 1.3 1.4}; do
+      run w2_skin_tmp 150 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peers --skin $skin
+      cat "$out/w2_skin_tmp_h200_$day.jsonl" >> "$out/w2_skin_h200_$day.jsonl"
+      rm -f "$out/w2_skin_tmp_h200_$day.jsonl"
+    done ;;
+  skin-persistent)   # W2 at 256,000 atoms in the persistent kernel (compiles for over a minute)
+    if [ "${NVALCHEMI_JAX_PERSISTENT:-1}" = 0 ]; then echo "persistent: skipped (failed its check)"; continue; fi
+    NVALCHEMI_JAX_PERSISTENT=1 run w2_skin_persistent 200 bench_w2_single.py --atoms 256000 --steps 1000 \
+      --peers --skin ${PERSISTENT_SKIN:-1.3} ;;
+  w2-peers)   # W2 with jax-md alongside (after install_peers.sh), 1,000 steps, the default 1.3 Å skin
+    run w2_single 280 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md ;;
+  persistent-profile)   # kernel table of a chunk of the persistent kernel, 32,000 atoms
+    run profile_step_persistent 110 profile_step.py --batches --big 32000 --skin 1.3 --steps 100 \
+      --path persistent --trace ;;
   *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
 esac
 done

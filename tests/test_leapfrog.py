@@ -38,7 +38,7 @@ def fused_only(monkeypatch):
 @pytest.fixture(params=["0", "1"], ids=["xla-steps", "persistent"])
 def kernels(request, fused_only):
     """Leapfrog steps in XLA, or in the persistent kernel (one program, interpreted; two
-    kernel calls per chunk in the fixed sequence, any further ones in the loop after it)."""
+    kernel calls per group of the chunk's fixed sequence, so that chunks take several groups)."""
     fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", request.param)
     fused_only.setattr(persistent, "SEGMENTS", 2)
     return fused_only

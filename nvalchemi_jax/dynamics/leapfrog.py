@@ -128,8 +128,8 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
     stuck = None
     if grid:
-        out, nl, stuck = _persistent_steps(advance, out, nl, trips, grid, batch, skin=skin,
-                                           kick=kick, dt=state.stage.system["dt"], model=model,
+        out, nl, stuck = _persistent_steps(advance, out, nl, trips, grid, batch, length=length,
+                                           skin=skin, kick=kick, dt=state.stage.system["dt"], model=model,
                                            params=params, rows=rows, num_species=num_species,
                                            cell=state.cell)
     else:
@@ -196,8 +196,8 @@ def evaluate_and_step(term, cutoff, params, rows, num_species, x4, v, e, e_prev,
             jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
 
 
-def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, model, params, rows,
-                      num_species, cell):
+def _persistent_steps(advance, out, nl, trips, grid, batch, *, length, skin, kick, dt, model, params,
+                      rows, num_species, cell):
     """The chunk's indices ``0 .. trips - 1`` as :func:`steps`' scan takes them, in calls of
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
@@ -239,19 +239,25 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
         i, code = carry[3], carry[7]
         return (i < trips) & (code != persistent.STUCK)
 
-    def segment(carry):
-        return jax.lax.cond(carry[7] == persistent.NONFINITE, one_step, run_kernel, carry)
-
     def maybe_segment(carry, _):
         branch = jnp.where(go_on(carry), jnp.where(carry[7] == persistent.NONFINITE, 2, 1), 0)
         return jax.lax.switch(branch, (lambda c: c, run_kernel, one_step), carry), None
 
+    def group(carry, _):
+        segments = lambda c: jax.lax.scan(maybe_segment, c, None, length=persistent.SEGMENTS)[0]
+        return jax.lax.cond(go_on(carry), segments, lambda c: c, carry), None
+
     carry = (rings, pad(f), nl, jnp.int32(0), count, status, failure, jnp.int32(persistent.DONE))
-    # A fixed number of segments with a skip test first (a GPU runs them as CUDA graph
-    # conditionals), then a loop for any left (its test may be read on the host).
-    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=persistent.SEGMENTS)
-    (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = jax.lax.while_loop(
-        go_on, segment, carry)
+    # Fixed-length loops with skip tests, which a GPU runs as CUDA graph conditionals: a loop
+    # of data-dependent length read its test on the host, and the next chunk's launch waited
+    # for it (H200, W2 32,000 atoms, chunks of 100 steps: ~2 ms per chunk). Every segment
+    # but one that met a non-finite value advances the index, and the step that met it is
+    # the next segment's: 2 (length + 1) segments always finish the chunk. The first group
+    # of SEGMENTS does unless lists are rebuilt often; the other groups then cost a
+    # conditional each.
+    groups = -(-2 * (length + 1) // persistent.SEGMENTS)
+    carry, _ = jax.lax.scan(group, carry, None, length=groups)
+    (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = carry
     out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
            status, failure)
     return out, nl, code == persistent.STUCK
