@@ -12,6 +12,7 @@
 #   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
 #   leapfrog        W2 by the leapfrog path against the engine, alternating rounds, and a
 #                   kernel table of its step
+#   w1-peers        W1 with jax-md alongside (1,000 steps)
 #   w2-peers        W2 with jax-md alongside (1,000 steps)
 #   persistent-profile  kernel table of a chunk in the persistent kernel (32,000 atoms)
 #   w3-device       W3 with inflight on device at three refill frequencies
@@ -152,6 +153,9 @@ case $part in
     if [ "${NVALCHEMI_JAX_PERSISTENT:-1}" = 0 ]; then echo "persistent: skipped (failed its check)"; continue; fi
     NVALCHEMI_JAX_PERSISTENT=1 run w2_skin_persistent 200 bench_w2_single.py --atoms 256000 --steps 1000 \
       --peers --skin ${PERSISTENT_SKIN:-1.3} ;;
+  w1-peers)   # W1 with jax-md alongside (after install_peers.sh), 1,000 steps in chunks of 500
+    run w1_batched 250 bench_w1_batched.py --batches 1 64 1024 4096 --steps 1000 --chunk 500 --peer-steps 50 \
+      --peers jax-md ;;
   w2-peers)   # W2 with jax-md alongside (after install_peers.sh), 1,000 steps, the default 1.3 Å skin
     run w2_single 280 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 --peers jax-md ;;
   persistent-profile)   # kernel table of a chunk of the persistent kernel, 32,000 atoms

@@ -37,10 +37,8 @@ def fused_only(monkeypatch):
 
 @pytest.fixture(params=["0", "1"], ids=["xla-steps", "persistent"])
 def kernels(request, fused_only):
-    """Leapfrog steps in XLA, or in the persistent kernel (one program, interpreted; two
-    kernel calls per group of the chunk's fixed sequence, so that chunks take several groups)."""
+    """Leapfrog steps in XLA, or in the persistent kernel (one program, interpreted)."""
     fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", request.param)
-    fused_only.setattr(persistent, "SEGMENTS", 2)
     return fused_only
 
 
@@ -145,7 +143,6 @@ def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64
     way out; one whose budget was spent is untouched. (Simulated: the interpreter runs one
     program; the verdict is replaced after a real kernel call in mid-chunk.)"""
     fused_only.setenv("NVALCHEMI_JAX_PERSISTENT", "1")
-    fused_only.setattr(persistent, "SEGMENTS", 2)
     real = persistent.call
     calls = []
 
@@ -173,6 +170,24 @@ def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64
         np.testing.assert_array_equal(np.asarray(getattr(end, name))[lost], 0.0, err_msg=name)
         np.testing.assert_array_equal(np.asarray(getattr(end, name))[~lost],
                                       np.asarray(getattr(state, name))[~lost], err_msg=name)
+
+
+def test_a_rebuild_at_every_step_and_a_failure_in_one_chunk(x64, kernels):
+    """The chunk's fixed sequence of kernel calls is long enough at worst: a skin so thin
+    that every step ends a call for a rebuild, and a system non-finite from the start (a call
+    that advances nothing, then the engine's failure handling): the chunk takes all of its
+    steps, as the engine does."""
+    batch = mixed_batch(temperature=300.0)
+    batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=4.0, n_steps=12, skin=1e-4)
+    state = md.init(batch)
+    bad = int(np.flatnonzero(np.asarray(batch.system_index) == 1)[5])
+    state = state.replace(velocities=state.velocities.at[bad, 0].set(jnp.nan))
+    fast, slow = run_both(kernels, md, batch, state=state, chunk_size=12)
+    assert fast.failed[:3].tolist() == [False, True, False] == slow.failed[:3].tolist()
+    assert int(np.asarray(fast.state.neighbors.rebuilds)[[0, 2]].min()) >= 11
+    assert_same_states(fast.state, slow.state)
+    assert fast.converged[[0, 2]].all()
 
 
 def test_a_system_failing_late_in_a_kernel_call(x64, kernels):

@@ -243,20 +243,16 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, length, skin, kic
         branch = jnp.where(go_on(carry), jnp.where(carry[7] == persistent.NONFINITE, 2, 1), 0)
         return jax.lax.switch(branch, (lambda c: c, run_kernel, one_step), carry), None
 
-    def group(carry, _):
-        segments = lambda c: jax.lax.scan(maybe_segment, c, None, length=persistent.SEGMENTS)[0]
-        return jax.lax.cond(go_on(carry), segments, lambda c: c, carry), None
-
     carry = (rings, pad(f), nl, jnp.int32(0), count, status, failure, jnp.int32(persistent.DONE))
-    # Fixed-length loops with skip tests, which a GPU runs as CUDA graph conditionals: a loop
-    # of data-dependent length read its test on the host, and the next chunk's launch waited
-    # for it (H200, W2 32,000 atoms, chunks of 100 steps: ~2 ms per chunk). Every segment
-    # but one that met a non-finite value advances the index, and the step that met it is
-    # the next segment's: 2 (length + 1) segments always finish the chunk. The first group
-    # of SEGMENTS does unless lists are rebuilt often; the other groups then cost a
-    # conditional each.
-    groups = -(-2 * (length + 1) // persistent.SEGMENTS)
-    carry, _ = jax.lax.scan(group, carry, None, length=groups)
+    # A fixed-length loop of skippable segments, which a GPU runs as CUDA graph
+    # conditionals. A loop of data-dependent length read its test on the host, and so did a
+    # conditional holding a loop: the next chunk's launch waited for it (H200, W2 at 32,000
+    # atoms in chunks of 100 steps: ~2 ms per chunk). Every kernel call advances the index
+    # but one that met a non-finite value at its first step; the segment after it takes
+    # that step and fails every system non-finite there. So trips + min(trips, systems)
+    # segments finish the chunk; a skipped one costs ~1.6 µs.
+    segments = (length + 1) + min(length + 1, batch.num_systems)
+    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=segments)
     (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = carry
     out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
            status, failure)

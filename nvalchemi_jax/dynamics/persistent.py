@@ -56,9 +56,6 @@ STAGES = 2
 #: as fast per step at both sizes (~1.3e9, results/probe_persistent_*); the difference is
 #: what a rebuild costs around it. Sizes in between were not measured.
 AUTO_MAX_ATOMS = 65_536
-#: Kernel calls (segments) per group of a chunk: a rebuild or a non-finite step ends a
-#: call; the chunk is a fixed sequence of skippable groups (see leapfrog._persistent_steps).
-SEGMENTS = 8
 #: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
 #: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
 _SKIP: frozenset = frozenset()
