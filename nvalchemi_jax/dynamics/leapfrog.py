@@ -128,10 +128,9 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
     out = (x4, state.velocities, state.forces, zero, zero, count, state.status, state.failure)
     stuck = None
     if grid:
-        out, nl, stuck = _persistent_steps(advance, out, nl, trips, grid, batch, length=length,
-                                           skin=skin, kick=kick, dt=state.stage.system["dt"], model=model,
-                                           params=params, rows=rows, num_species=num_species,
-                                           cell=state.cell)
+        out, nl, stuck, most = _persistent_steps(
+            advance, out, nl, trips, grid, batch, skin=skin, kick=kick, dt=state.stage.system["dt"],
+            model=model, params=params, rows=rows, num_species=num_species, cell=state.cell)
     else:
         (out, _, nl), _ = jax.lax.scan(body, (out, x4, nl), jnp.arange(length + 1, dtype=jnp.int32))
     x4, v, f, e, e_prev, count, status, failure = out
@@ -196,13 +195,15 @@ def evaluate_and_step(term, cutoff, params, rows, num_species, x4, v, e, e_prev,
             jnp.where(finish[:, 0], e, e_prev), jnp.max(moved)[None], bad.astype(jnp.int32)[None])
 
 
-def _persistent_steps(advance, out, nl, trips, grid, batch, *, length, skin, kick, dt, model, params,
-                      rows, num_species, cell):
+def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, model, params, rows,
+                      num_species, cell):
     """The chunk's indices ``0 .. trips - 1`` as :func:`steps`' scan takes them, in calls of
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
     index i, index i is taken by ``advance`` (the engine's failure handling), then the
-    kernel goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`)."""
+    kernel goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`),
+    and the chunk's last index (``trips - 1``, or earlier when its segments ran out: then
+    each system's ``count`` is cut to it, see ``end_early``)."""
     x4, v, f, e, e_prev, count, status, failure = out
     n = x4.shape[0]
     spare = _pallas.spare(_pallas.interpreted(None))     # the interpreter's row for masked stores
@@ -243,20 +244,27 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, length, skin, kic
         branch = jnp.where(go_on(carry), jnp.where(carry[7] == persistent.NONFINITE, 2, 1), 0)
         return jax.lax.switch(branch, (lambda c: c, run_kernel, one_step), carry), None
 
+    def end_early(carry):
+        """Index i as the chunk's last: the systems still moving take no step past it
+        (their step i - 1 is finished, or failed, by the engine's step at i)."""
+        rings, f, nl, i, count, status, failure, code = carry
+        return one_step((rings, f, nl, i, jnp.minimum(count, i), status, failure, code))
+
     carry = (rings, pad(f), nl, jnp.int32(0), count, status, failure, jnp.int32(persistent.DONE))
-    # A fixed-length loop of skippable segments, which a GPU runs as CUDA graph
-    # conditionals. A loop of data-dependent length read its test on the host, and so did a
-    # conditional holding a loop: the next chunk's launch waited for it (H200, W2 at 32,000
-    # atoms in chunks of 100 steps: ~2 ms per chunk). Every kernel call advances the index
-    # but one that met a non-finite value at its first step; the segment after it takes
-    # that step and fails every system non-finite there. So trips + min(trips, systems)
-    # segments finish the chunk; a skipped one costs ~1.6 µs.
-    segments = (length + 1) + min(length + 1, batch.num_systems)
-    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=segments)
+    # A fixed number of skippable segments, which a GPU runs as CUDA graph conditionals: a
+    # loop of data-dependent length read its test on the host, and so did a conditional
+    # holding a loop; the next chunk's launch waited for them (H200, W2 at 32,000 atoms,
+    # chunks of 100 steps: ~2 ms per chunk), and a skipped segment costs ~7 µs. A chunk
+    # whose segments are all taken before its last index ends early, at a step's end; the
+    # run loop goes on from there.
+    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=persistent.SEGMENTS)
+    early = go_on(carry)
+    last = jnp.where(early, carry[3], jnp.maximum(trips - 1, 0))
+    carry = jax.lax.cond(early, end_early, lambda c: c, carry)
     (x_ring, v_ring, e_ring, ep_ring), f, nl, i, count, status, failure, code = carry
     out = (x_ring[i % 3, :n], v_ring[i % 2, :n], f[:n], e_ring[i % 2, :n], ep_ring[i % 2, :n], count,
            status, failure)
-    return out, nl, code == persistent.STUCK
+    return out, nl, code == persistent.STUCK, last
 
 
 def _barrier_lost(start, batch, count):

@@ -56,6 +56,9 @@ STAGES = 2
 #: as fast per step at both sizes (~1.3e9, results/probe_persistent_*); the difference is
 #: what a rebuild costs around it. Sizes in between were not measured.
 AUTO_MAX_ATOMS = 65_536
+#: Kernel calls per chunk, as a fixed sequence of skippable segments (a rebuild or a
+#: non-finite step ends a call); a chunk that needs more ends early.
+SEGMENTS = 8
 #: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
 #: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
 _SKIP: frozenset = frozenset()

@@ -156,6 +156,7 @@ class Chunk:
     """A dispatched chunk: the state it started from, and its (maybe unfinished) results."""
 
     launched: concurrent.futures.Future
+    limit: int = 0          # steps it may take
 
     @property
     def start(self):
@@ -196,7 +197,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
             leaf.copy_to_host_async()
         return start, new, buffers, flags
 
-    return Chunk(_LAUNCHER.submit(_in_callers_settings(launch)))
+    return Chunk(_LAUNCHER.submit(_in_callers_settings(launch)), limit)
 
 
 def regrown(dyn, start, overflowed, batch):
@@ -263,10 +264,11 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
         else:
             current = None
         while current is not None:
-            # Speculatively queue the next chunk before waiting for this one. A chunk that
-            # took fewer steps than its limit left nothing active, so the next one's limit
-            # can assume this one took all of its steps.
-            limit = min(chunk_size, max_steps - taken)
+            # Speculatively queue the next chunk before waiting for this one, assuming this
+            # one takes all of its steps. A chunk takes fewer when nothing is left active, or
+            # (the persistent kernel's) after more list rebuilds than it holds: then the run
+            # goes on below.
+            limit = current.limit
             ahead = max_steps - taken - limit
             following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size,
                                  **path) if ahead > 0 else None
@@ -280,8 +282,11 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
                 continue
             taken += went
             state = current.state
-            if not active:              # (active implies all `limit` steps ran)
+            if not active:
                 following = None        # nothing left to run: the queued chunk did nothing
+            elif following is None and taken < max_steps:     # a chunk ended early
+                following = dispatch(dyn, current, batch, min(chunk_size, max_steps - taken), chunk_size,
+                                     **path)
             # Host work for chunk k while chunk k + 1 runs.
             hand_over(observers, current.buffers)
             if bar is not None:
