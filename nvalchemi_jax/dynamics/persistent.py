@@ -16,15 +16,18 @@ most one program per multiprocessor, each owning a contiguous range of atoms, an
 The kernel returns when the steps are done, when an atom moved past half the skin (the
 list is rebuilt in XLA, then the next kernel goes on), or when a value went non-finite:
 then step t's inputs are still in the rings, and XLA redoes step t with the engine's
-failure handling (:func:`leapfrog.steps`' ``advance``). The barrier needs every program
-running at once: the grid is at most one program per multiprocessor, and Triton compiles
-a program to fit one. Should a wait still run out (the GPU shared with another kernel),
+failure handling (:func:`leapfrog.steps`' ``advance``). A chunk makes at most
+``SEGMENTS`` calls; one that needs more ends early and the run loop goes on. The barrier
+needs every program running at once: the grid is at most one program per multiprocessor,
+and Triton compiles a program to fit one. Should a wait still run out (the GPU shared with another kernel),
 the chunk's running systems end failed (``Failure.KERNEL_BARRIER``), never silently wrong.
 
 On an H200 (W2, float32, 2026-11-29) the kernel steps 32,000 atoms in 26 µs and 256,000
 in 197-208 µs (~1.3e9 atom-steps/s, against 21 and 149 µs for the pair kernel alone);
-whole runs are bound by the rebuilds between calls (~0.5 ms at 32,000 atoms, every ~30
-steps): 32,000 atoms 1.13-1.18x the XLA steps, 256,000 atoms 0.91x (see AUTO_MAX_ATOMS).
+with a 1 Å skin whole runs were bound by the rebuilds between calls (~0.5 ms at 32,000
+atoms, every ~30 steps): 32,000 atoms 1.13-1.18x the XLA steps, 256,000 atoms 0.91x. With
+a 1.3 Å skin (no rebuild in 1,000 steps at 32,000 atoms) 32,000 atoms run at 8.8e8
+atom-steps/s in chunks of 100 steps, 9.6e8 in chunks of 1,000 (see AUTO_MAX_ATOMS).
 
 ``NVALCHEMI_JAX_PERSISTENT``: ``auto`` (on GPUs, batches up to ``AUTO_MAX_ATOMS`` atoms),
 ``0`` (never), ``1`` (always; off a GPU with one program in Pallas' interpreter, for tests).
@@ -52,9 +55,11 @@ PER_SM = 1
 STAGES = 2
 #: Largest batch (atoms) that takes the kernel by default. H200, W2, 1,000 steps, skin 1 Å
 #: (results/w2_persistent_ab_h200_2026-11-29_*): 32,000 atoms 4.2-4.4e8 atom-steps/s against
-#: 3.7e8 for leapfrog steps in XLA; 256,000 atoms 7.4e8 against 8.2e8. The kernel itself is
-#: as fast per step at both sizes (~1.3e9, results/probe_persistent_*); the difference is
-#: what a rebuild costs around it. Sizes in between were not measured.
+#: 3.7e8 for leapfrog steps in XLA; 256,000 atoms 7.4e8 against 8.2e8. Skin 1.3 Å
+#: (results/w2_skin_*, w2_single_*_k_*): 256,000 atoms 8.7-9.3e8 against 1.01-1.03e9 for
+#: the XLA steps, which gain more from fewer rebuilds. The kernel itself is as fast per
+#: step at both sizes (~1.3e9, results/probe_persistent_*). Sizes in between were not
+#: measured.
 AUTO_MAX_ATOMS = 65_536
 #: Kernel calls per chunk, as a fixed sequence of skippable segments (a rebuild or a
 #: non-finite step ends a call); a chunk that needs more ends early.
