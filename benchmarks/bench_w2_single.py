@@ -16,7 +16,7 @@ def main(argv=None):
     p.add_argument("--atoms", type=int, nargs="*", default=[4000], help="4 r^3 for r cells per side")
     _nve.add_arguments(p)
     # A 1.3 Å skin (list radius 9.8 Å) still stops short of FCC argon's shell at 9.84 Å, so
-    # the list is hardly longer than at 1 Å (K 119 vs 99), while an atom must move 0.65 Å
+    # the list is not much longer than at 1 Å (K 119 vs 99), while an atom must move 0.65 Å
     # for a rebuild: none in 1,000 steps at 32,000 atoms, 5 at 256,000, where 1 Å rebuilt
     # every ~30 steps (H200: results/w2_skin_h200_2026-11-29.jsonl). Peers get the same skin.
     p.set_defaults(skin=1.3)
