@@ -19,8 +19,9 @@ then step t's inputs are still in the rings, and XLA redoes step t with the engi
 failure handling (:func:`leapfrog.steps`' ``advance``). A chunk makes at most
 ``SEGMENTS`` calls; one that needs more ends early and the run loop goes on. The barrier
 needs every program running at once: the grid is at most one program per multiprocessor,
-and Triton compiles a program to fit one. Should a wait still run out (the GPU shared with another kernel),
-the chunk's running systems end failed (``Failure.KERNEL_BARRIER``), never silently wrong.
+and Triton compiles a program to fit one. Should a wait still run out (the GPU shared with
+another kernel), the chunk's running systems end failed (``Failure.KERNEL_BARRIER``),
+never silently wrong.
 
 On an H200 (W2, float32, 2026-11-29) the kernel steps 32,000 atoms in 26 µs and 256,000
 in 197-208 µs (~1.3e9 atom-steps/s, against 21 and 149 µs for the pair kernel alone);

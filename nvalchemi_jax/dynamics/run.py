@@ -156,7 +156,7 @@ class Chunk:
     """A dispatched chunk: the state it started from, and its (maybe unfinished) results."""
 
     launched: concurrent.futures.Future
-    limit: int = 0          # steps it may take
+    limit: int              # steps it may take
 
     @property
     def start(self):
