@@ -129,7 +129,8 @@ class NeighborSpec:
 class NeighborList:
     """Dense neighbor table plus what the Verlet test and overflow checks need.
 
-    indices: ``(N, K) int32``, padding = ``N``.
+    indices: ``(N, K) int32``, padding = ``N``; each row's entries come first, then its
+        padding (the fused pair kernel skips blocks of columns past every row's end).
     shifts: lattice translations as stored: ``(N, K, 3)`` int8 or int32, or ``(N, K)``
         uint8 codes when ``spec.shift_dtype == "packed"``; :attr:`shift_vectors` and
         :func:`shift_components` read either (int8: |n| < 127, packed: |n| < 2; from there

@@ -125,8 +125,7 @@ def row_sums(i, live, pos_ref, offset, idx_ref, shift_ref, sys_ref, cell_ref, ro
     """In a kernel: the ``n_out`` row sums of :func:`pair_sums` for atoms ``i`` (``(R,)``,
     clamped to real atoms; ``live`` marks the real ones), walking their rows ``block_cols``
     neighbors at a time (default ``BLOCK_COLS``); positions are the rows (x, y, z, 0) at
-    ``pos_ref[offset:]``."""
-    from jax.experimental import pallas as pl
+    ``pos_ref[offset:]``; only the blocks of columns that hold entries (:func:`used_blocks`)."""
     block_cols = block_cols or BLOCK_COLS
     x_i = [pos_ref[offset + i * 4 + a][:, None] for a in range(3)]
     system = jnp.clip(sys_ref[i], 0, s - 1)
@@ -172,8 +171,25 @@ def row_sums(i, live, pos_ref, offset, idx_ref, shift_ref, sys_ref, cell_ref, ro
     # Per-lane accumulators, summed over the columns once at the end: a row sum at every
     # block step would cost cross-thread shuffles per term and step.
     zero = jnp.zeros((i.shape[0], block_cols), dtype)
-    acc = jax.lax.fori_loop(0, pl.cdiv(k, block_cols), block, (zero,) * n_out)
+    acc = jax.lax.fori_loop(0, used_blocks(i, live, idx_ref, n=n, k=k, block_cols=block_cols), block,
+                            (zero,) * n_out)
     return [jnp.sum(value, axis=1) for value in acc]
+
+
+def used_blocks(i, live, idx_ref, *, n, k, block_cols):
+    """In a kernel: how many blocks of ``block_cols`` columns hold entries in the rows of
+    atoms ``i``. Rows are filled from the front (:func:`~nvalchemi_jax.neighbors.build`;
+    padding = ``n`` after a row's last entry), so a block is used when its first column is
+    in some row. A table has spare columns beyond its longest row (its capacity, and the
+    last block's round-up): W2's argon at a 1.3 Å skin has 119 columns, rows of 104 at
+    most, so these rows take 7 blocks of 16, not 8. One gather of a column per block."""
+    blocks = -(-k // block_cols)
+    if blocks == 1:
+        return 1
+    b = jnp.arange(1 << (blocks - 1).bit_length(), dtype=jnp.int32)     # Triton: powers of two
+    inside = live[:, None] & (b[None, :] < blocks)
+    first = _pallas.load(idx_ref, jnp.where(inside, i[:, None] * k + b[None, :] * block_cols, 0), inside, n)
+    return jnp.max(jnp.sum((first < n).astype(jnp.int32), axis=1))
 
 
 def _kernel(pos_ref, idx_ref, shift_ref, sys_ref, cell_ref, rows_ref, *refs, **settings):
