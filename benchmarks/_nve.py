@@ -38,8 +38,10 @@ def batch_of(positions, cell, velocities):
                                 velocities=list(velocities), min_distance=None)
 
 
-def ours(positions, cell, velocities, steps, chunk, skin):
-    """Our compiled run loop; the first chunk (compilation, neighbor allocation) is timed apart."""
+def ours(positions, cell, velocities, steps, chunk, skin, timings=1):
+    """Our compiled run loop; the first chunk (compilation, neighbor allocation) is timed apart.
+    With ``timings`` > 1 the timed run is repeated from the same state and the median counts
+    (one run of ~30 ms varied by 20 % between processes on an H200); all are reported."""
     count, n = positions.shape[:2]
     t0 = time.perf_counter()
     batch = batch_of(positions, cell, velocities)
@@ -47,15 +49,18 @@ def ours(positions, cell, velocities, steps, chunk, skin):
     warm = md.run(batch, max_steps=chunk, chunk_size=chunk)
     jax.block_until_ready(warm.state)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = md.run(batch, state=warm.state, max_steps=steps, chunk_size=chunk)
-    jax.block_until_ready(result.state)
-    seconds = time.perf_counter() - t0
+    samples = []
+    for _ in range(timings):
+        t0 = time.perf_counter()
+        result = md.run(batch, state=warm.state, max_steps=steps, chunk_size=chunk)
+        jax.block_until_ready(result.state)
+        samples.append(time.perf_counter() - t0)
+    seconds = float(np.median(samples))
     atoms, taken = count * n, result.steps - warm.steps
     nl = result.state.neighbors
     return {"peer": "nvalchemi-jax", "version": nj.__version__, "atoms": atoms, "batch": count,
             "steps": taken, "seconds": seconds, "atom_steps_per_s": atoms * taken / seconds,
-            "compile_or_warmup_s": first, "peak_bytes": peak_bytes(), "skin": skin,
+            "compile_or_warmup_s": first, "timed_runs_s": samples, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
             "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
             "path": path(md, batch),
@@ -76,10 +81,10 @@ def path(md, batch) -> str:
             else "leapfrog" if chosen["fused"] else "engine")
 
 
-def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS):
+def compare(case, count, repeats, steps, peer_steps, chunk, skin, peer_names=PEERS, timings=1):
     """One case: ours, then each peer; rows for all of them (skipped peers say why)."""
     positions, cell, velocities = peers.nve_inputs(count, repeats)
-    mine = {"case": case, **ours(positions, cell, velocities, steps, chunk, skin)}
+    mine = {"case": case, **ours(positions, cell, velocities, steps, chunk, skin, timings)}
     mine["peak_bytes_per_atom"] = (mine["peak_bytes"] or 0) / mine["atoms"]
     rows = [mine]
     for name in peer_names:
@@ -102,6 +107,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=500, help="our timed steps")
     parser.add_argument("--peer-steps", type=int, default=100, help="each peer's timed steps")
     parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--timings", type=int, default=3,
+                        help="timed runs of ours from the same state; the median counts")
     parser.add_argument("--skin", type=float, default=1.0)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--shifts", choices=("int8", "packed"), default=None,

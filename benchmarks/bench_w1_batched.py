@@ -20,7 +20,7 @@ def main(argv=None):
     rows = []
     for b in args.batches:
         rows += _nve.compare(f"W1 B={b} x 256", b, 4, args.steps, args.peer_steps, args.chunk,
-                             args.skin, args.peers)
+                             args.skin, args.peers, args.timings)
         emit(rows[-1 - len(args.peers):])          # progress, case by case
     emit([{"benchmark": "W1", **r} for r in rows], args.out)
 

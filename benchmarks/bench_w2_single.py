@@ -26,7 +26,7 @@ def main(argv=None):
     for n in args.atoms:
         side = round((n / 4) ** (1 / 3))
         rows += _nve.compare(f"W2 1 x {4 * side**3}", 1, side, args.steps, args.peer_steps, args.chunk,
-                             args.skin, args.peers)
+                             args.skin, args.peers, args.timings)
         emit(rows[-1 - len(args.peers):])
     emit([{"benchmark": "W2", **r} for r in rows], args.out)
 
