@@ -1,0 +1,151 @@
+"""Where a run's time goes outside its kernels: the host's work to launch each chunk, and
+the run loop's fixed costs (W2 by default: one crystal of 32,000 argon atoms, 1.3 Å skin).
+
+A GPU chunk is a CUDA graph (``run.CHUNK_COMPILER_OPTIONS``); XLA updates the graph's
+nodes on the host when a launch's buffers differ from the last one's, which every chained
+chunk's do. Three modes, each printing one JSON object (appended to ``--out``):
+
+- ``overhead``: ``run()`` of 1,000 steps against chained ``run_chunk`` calls (chunks of 100
+  and 1,000 steps), and the host-side pieces of ``run()``;
+- ``variants``: the host time to launch one chunk (median) and 10 chained chunks' wall time,
+  for the chunk compiled as the library does, with fewer persistent segments, without
+  XLA's loop unrolling in command buffers, and with the state donated;
+- ``sync-first``: ``run()`` alone against ``run()`` preceded by a host test of whether any
+  system runs (what ``run`` did before its first chunk until 2026-11-29), alternating.
+
+    python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _nve import LJ, batch_of
+from peers import nve_inputs
+from nvalchemi_jax.dynamics import NVE, persistent
+from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps, fused_paths, run_chunk
+from nvalchemi_jax.models import LennardJones
+
+STATICS = ("length", "resident", "fused", "parts", "grid")
+
+
+def timed(f, n=5):
+    """Median wall time of ``f()`` (µs), waited for."""
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) * 1e6
+
+
+def overhead(md, batch, state, path):
+    out = {}
+    for chunk in (100, 1000):
+        md.run(batch, state=state, max_steps=chunk, chunk_size=chunk)
+        out[f"run_1000_chunk{chunk}_us"] = timed(
+            lambda: md.run(batch, state=state, max_steps=1000, chunk_size=chunk).state, 3)
+        out[f"run_{chunk}_chunk{chunk}_us"] = timed(
+            lambda: md.run(batch, state=state, max_steps=chunk, chunk_size=chunk).state, 3)
+
+        def raw(k):
+            s = state
+            for _ in range(k):
+                s, _ = run_chunk(md, s, batch, chunk, length=chunk, **path)
+            return s
+        out[f"raw_{1000 // chunk}x{chunk}_us"] = timed(lambda: raw(1000 // chunk), 3)
+        out[f"raw_1x{chunk}_us"] = timed(lambda: raw(1), 5)
+    out["check_us"] = timed(lambda: md.check(batch), 5)
+    out["fused_paths_us"] = timed(lambda: fused_paths(md, batch), 5)
+    out["any_running_us"] = timed(lambda: bool(jnp.any(md.running(state, batch))), 5)
+    out["run_0_us"] = timed(lambda: md.run(batch, state=state, max_steps=0).state, 5)
+    return out
+
+
+def variants(md, batch, state, path):
+    out = {}
+
+    def series(name, options, segments=persistent.SEGMENTS, donate=False, n=10):
+        kept = persistent.SEGMENTS
+        persistent.SEGMENTS = segments
+        jax.clear_caches()
+        try:
+            fn = jax.jit(chunk_steps, static_argnames=STATICS, compiler_options=options,
+                         donate_argnames=("state",) if donate else ())
+            r, _ = fn(md, jax.tree.map(jnp.copy, state), batch, 100, length=100, **path)
+            jax.block_until_ready(r)
+            s = r if donate else state
+            ts = []
+            t00 = time.perf_counter()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                s, _ = fn(md, s, batch, 100, length=100, **path)
+                ts.append((time.perf_counter() - t0) * 1e6)
+            jax.block_until_ready(s)
+            total = (time.perf_counter() - t00) * 1e6
+            out[name] = {"dispatch_us_median": float(np.median(ts[2:])), "total_us": round(total),
+                         "us_per_step": total / n / 100}
+        except Exception as e:  # noqa: BLE001 - an option this XLA lacks
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        finally:
+            persistent.SEGMENTS = kept
+        print(name, out[name], flush=True)
+
+    series("base", CHUNK_COMPILER_OPTIONS)
+    series("segments2", CHUNK_COMPILER_OPTIONS, segments=2)
+    series("segments1", CHUNK_COMPILER_OPTIONS, segments=1)
+    series("va_remap", {**CHUNK_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer_va_remapping": True})
+    series("no_cb_unroll", {**CHUNK_COMPILER_OPTIONS, "xla_gpu_command_buffer_unroll_loops": False})
+    series("donate", CHUNK_COMPILER_OPTIONS, donate=True)
+    jax.clear_caches()
+    md.run(batch, state=state, max_steps=100, chunk_size=100)
+    out["run_1000_chunk100_us"] = timed(
+        lambda: md.run(batch, state=state, max_steps=1000, chunk_size=100).state, 3)
+    return out
+
+
+def sync_first(md, batch, state, path):
+    bool(jnp.any(md.running(state, batch)))
+    res = {"plain": [], "synced_first": []}
+    for rep in range(6):
+        for name in (("plain", "synced_first") if rep % 2 else ("synced_first", "plain")):
+            t0 = time.perf_counter()
+            if name == "synced_first":
+                bool(jnp.any(md.running(state, batch)))
+            r = md.run(batch, state=state, max_steps=1000, chunk_size=100)
+            jax.block_until_ready(r.state)
+            res[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"ms": [round(x, 2) for x in v], "median_ms": float(np.median(v))} for k, v in res.items()}
+
+
+MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=list(MODES))
+    p.add_argument("--repeats", type=int, default=20, help="FCC cells per edge (20: 32,000 atoms)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    batch = batch_of(*nve_inputs(1, args.repeats))
+    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=1.3)
+    state = md.run(batch, max_steps=100, chunk_size=100).state
+    jax.block_until_ready(state)
+    path = fused_paths(md, batch)
+    row = {"date": time.strftime("%F"), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "probe": args.mode, "atoms": int(batch.num_atoms),
+           "path": {k: int(v) for k, v in path.items()}, **MODES[args.mode](md, batch, state, path)}
+    print(json.dumps(row))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
