@@ -129,21 +129,22 @@ def test_pair_sums_from_packed_shifts(method):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["all_pairs", "cell_list"])
-def test_rows_fill_from_the_front_and_spare_columns_are_skipped(method):
-    """The kernel walks only the blocks of columns that some row of its tile uses, which
-    relies on every row's entries coming before its padding: checked on built tables of
-    different row lengths (bulk, slab, cluster), and the sums from a table with many spare
-    columns equal those from the snug one bit for bit (and the XLA form)."""
-    import dataclasses
+def _mixed_lengths():
+    """Two crystals and a cluster: rows of very different lengths in one batch."""
     rng = np.random.default_rng(7)
     cluster = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
     cluster.pbc = False
     cluster.cell = np.eye(3) * 30.0
-    structures = [*_crystals(1)[:2], cluster]
-    for a in structures[2:]:
-        a.positions += rng.normal(0, 0.1, a.positions.shape)
-    batch = Batch.from_atoms(structures)
+    cluster.positions += rng.normal(0, 0.1, cluster.positions.shape)
+    return Batch.from_atoms([*_crystals(1)[:2], cluster])
+
+
+@pytest.mark.parametrize("method", ["all_pairs", "cell_list"])
+def test_rows_fill_from_the_front(method):
+    """The pair kernel walks only the blocks of columns that some row of its tile uses,
+    which relies on every row's entries coming before its padding, with spare columns too."""
+    import dataclasses
+    batch = _mixed_lengths()
     spec, snug = neighbors.allocate(batch, 8.5, skin=0.5, method=method)
     wide = neighbors.build(dataclasses.replace(spec, max_neighbors=spec.max_neighbors + 70),
                            batch.positions, batch.cell, batch)
@@ -153,6 +154,17 @@ def test_rows_fill_from_the_front_and_spare_columns_are_skipped(method):
         assert np.all(real[:, 1:] <= real[:, :-1]), "a row has an entry after padding"
     lengths = np.asarray(snug.mask).sum(axis=1)
     assert lengths.min() < 0.6 * lengths.max()          # tiles of short and long rows
+    np.testing.assert_array_equal(np.asarray(wide.indices)[:, :spec.max_neighbors], np.asarray(snug.indices))
+
+
+def test_spare_columns_are_skipped():
+    """The sums from a table with 70 spare columns equal those from the snug one bit for
+    bit (and the XLA form): a kernel that skipped a used block would miss pairs."""
+    import dataclasses
+    batch = _mixed_lengths()
+    spec, snug = neighbors.allocate(batch, 8.5, skin=0.5, method="cell_list")
+    wide = neighbors.build(dataclasses.replace(spec, max_neighbors=spec.max_neighbors + 70),
+                           batch.positions, batch.cell, batch)
     lj = LennardJones(sigma=3.4, epsilon=0.0104, cutoff=8.5, switch_on=8.0)
     args = (lj.pair_term, lj.cutoff, lj.pair_parameters(), None, 1, batch.positions, batch.cell, batch)
     got_snug = pair_kernel.pair_sums(*args, snug, True, interpret=True)

@@ -58,7 +58,9 @@ STAGES = 2
 #: (results/w2_persistent_ab_h200_2026-11-29_*): 32,000 atoms 4.2-4.4e8 atom-steps/s against
 #: 3.7e8 for leapfrog steps in XLA; 256,000 atoms 7.4e8 against 8.2e8. Skin 1.3 Å
 #: (results/w2_skin_*, w2_single_*_k_*): 256,000 atoms 8.7-9.3e8 against 1.01-1.03e9 for
-#: the XLA steps, which gain more from fewer rebuilds. The kernel itself is as fast per
+#: the XLA steps, which gain more from fewer rebuilds; chunks that end early and spare
+#: columns skipped: 1.07e9 against 1.05-1.09e9 (results/w2_skin_persistent_*_d_*, session
+#: 14), level, so the XLA steps stay the default there. The kernel itself is as fast per
 #: step at both sizes (~1.3e9, results/probe_persistent_*). Sizes in between were not
 #: measured.
 AUTO_MAX_ATOMS = 65_536
