@@ -213,6 +213,25 @@ def test_neighbor_overflow_regrows_and_redoes_the_chunk(x64):
     np.testing.assert_allclose(again.positions, reference.positions, atol=1e-12)
 
 
+def test_a_finished_state_comes_back_as_it_was():
+    """run() launches its first chunk without asking the host whether anything runs; from a
+    state where nothing does (every system at its step budget) it must still hand the state
+    back untouched: no step, no regrowth of an overflowed list, no recomputed forces."""
+    batch = argon_batch(temperature=30.0)
+    md = NVE(model=LJ, dt=3.0, n_steps=4)
+    done = md.run(batch, chunk_size=4).state
+    assert not np.asarray(md.running(done, batch)).any()
+    spec = dataclasses.replace(done.neighbors.spec, max_neighbors=10)
+    small = done.replace(neighbors=neighbors.build(spec, done.positions, done.cell, batch))
+    assert bool(small.neighbors.overflow)
+    for state in (done, small):
+        again = md.run(batch, state=state, max_steps=20, chunk_size=5)
+        assert again.chunks == 0 and again.regrows == 0 and again.steps == int(state.global_step)
+        plain = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(again.state)):
+            np.testing.assert_array_equal(np.asarray(plain(a)), np.asarray(plain(b)))
+
+
 def _recording_observer(seen, frequency):
     """An observer whose host side keeps (steps, energies, positions) of every hand-over."""
     def on_host(records, due, steps):

@@ -272,6 +272,10 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
             following = dispatch(dyn, current, batch, min(chunk_size, ahead), chunk_size,
                                  **path) if ahead > 0 else None
             overflowed, went, active = current.settle()
+            if went == 0 and not active:
+                # Nothing was running (a finished state): the run hands it back as it came,
+                # whatever the chunk did on the way (a stale list rebuilt, say).
+                break
             chunks += 1
             if overflowed:
                 # Drop this chunk and the one computed from it; redo from a larger list.
