@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _nve import LJ, batch_of
+from _report import median_seconds
 from peers import nve_inputs
 from nvalchemi_jax.dynamics import NVE, persistent
 from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps, fused_paths, run_chunk
@@ -36,13 +37,8 @@ STATICS = ("length", "resident", "fused", "parts", "grid")
 
 
 def timed(f, n=5):
-    """Median wall time of ``f()`` (µs), waited for."""
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e6
+    """Median wall time of ``f()`` in µs, waited for (after one untimed call)."""
+    return median_seconds(f, repeat=n) * 1e6
 
 
 def overhead(md, batch, state, path):
