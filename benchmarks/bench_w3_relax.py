@@ -167,7 +167,8 @@ def ours_workloads(a, pos, cells, few, report):
         report(summary("inflight on device", pos, steps, conv, sec, dataset="argon108", batch_size=a.batch_size,
                        refill_frequency=every, chunk_size=a.device_chunk, **extra, **info))
 
-    mixed_set(a, report)
+    if a.mixed_count > 0:
+        mixed_set(a, report)
 
     if a.fused_count < 1:
         return
@@ -250,7 +251,7 @@ def main(argv=None):
     p.add_argument("--device-refill", type=int, nargs="*", default=[10],
                    help="refill frequencies of inflight on device (a row each)")
     p.add_argument("--device-chunk", type=int, default=100, help="steps per compiled call of inflight on device")
-    p.add_argument("--mixed-count", type=int, default=100)
+    p.add_argument("--mixed-count", type=int, default=100, help="0: no mixed set")
     p.add_argument("--mixed-only", action="store_true", help="of our rows, only the mixed set's")
     p.add_argument("--mixed-batch", type=int, default=32)
     p.add_argument("--mixed-repeats", type=int, default=1, help="alternating runs of both on the mixed set")

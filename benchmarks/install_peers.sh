@@ -4,30 +4,39 @@
 #   bash benchmarks/install_peers.sh [STAGING=/tmp/peerwheels] [TARGET=/tmp/peersite]
 #   export PYTHONPATH=/tmp/peersite    # then run benchmarks/peers.py
 #
-# STAGING holds the wheels of .whl/peers/g*/ and the parts of .whl/peers/big/ (copied
-# there over several calls, each under the per-call carry limit). Split wheels
-# (NAME.whl.part-aa, -ab, ...) are joined back here and checked against NAME.whl.sha256.
-# Everything installs with --no-deps into TARGET: the machine's own torch, jax, numpy,
-# etc. stay as they are; the wheels carry only what it lacks (one version each).
+# STAGING holds either the parts of pack_peers.sh's archive (.whl/peers/bundle/, copied
+# there over two calls), unpacked into TARGET, or wheels: those of .whl/peers/g*/ and the
+# parts of .whl/peers/big/ (split wheels, NAME.whl.part-aa, -ab, ...). Parts are joined back
+# here and checked against their .sha256. Wheels install with --no-deps into TARGET. Either
+# way the machine's own torch, jax, numpy, etc. stay as they are; only what it lacks is added.
 set -euo pipefail
 staging=${1:-/tmp/peerwheels}
 target=${2:-/tmp/peersite}
 py=${PYTHON:-python3}
 
 shopt -s nullglob
-for first in "$staging"/*.whl.part-aa; do
-  whl=${first%.part-aa}
-  cat "$whl".part-* > "$whl"
-  if [[ -f "$whl.sha256" ]]; then
-    echo "$(cat "$whl.sha256")  $whl" | sha256sum -c --quiet - || { echo "bad checksum: $whl"; exit 1; }
+joined() {  # the parts of $1 joined into $1, checked against $1.sha256
+  cat "$1".part-* > "$1"
+  if [[ -f "$1.sha256" ]]; then
+    echo "$(cat "$1.sha256")  $1" | sha256sum -c --quiet - || { echo "bad checksum: $1"; exit 1; }
   fi
-  echo "joined $(basename "$whl") ($(ls "$whl".part-* | wc -l) parts, $(du -h "$whl" | cut -f1))"
+  echo "joined $(basename "$1") ($(ls "$1".part-* | wc -l) parts, $(du -h "$1" | cut -f1))"
+}
+for first in "$staging"/*.tar.xz.part-aa; do
+  joined "${first%.part-aa}"
+  mkdir -p "$target" && xz -dc "${first%.part-aa}" | tar x -C "$target"
+  echo "unpacked $(basename "${first%.part-aa}") into $target"
+done
+for first in "$staging"/*.whl.part-aa; do
+  joined "${first%.part-aa}"
 done
 
 wheels=("$staging"/*.whl)
-echo "installing ${#wheels[@]} wheels into $target"
-"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$target" "${wheels[@]}"
+if (( ${#wheels[@]} )); then
+  echo "installing ${#wheels[@]} wheels into $target"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$target" "${wheels[@]}"
+fi
 
 export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
 err=$(mktemp)

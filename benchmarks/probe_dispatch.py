@@ -11,7 +11,10 @@ chunk's do. Three modes, each printing one JSON object (appended to ``--out``):
   for the chunk compiled as the library does, with fewer persistent segments, without
   XLA's loop unrolling in command buffers, and with the state donated;
 - ``sync-first``: ``run()`` alone against ``run()`` preceded by a host test of whether any
-  system runs (what ``run`` did before its first chunk until 2026-11-29), alternating.
+  system runs (what ``run`` did before its first chunk until 2026-11-29), alternating;
+- ``pieces``: where ``run()``'s time beyond its chunks goes: chained chunks launched from
+  this thread, then through ``dispatch`` (the launcher thread), then waited for chunk by
+  chunk as ``run`` does, then ``run()`` itself; 10 x 100 and 1 x 1,000 steps.
 
     python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
 """
@@ -120,7 +123,48 @@ def sync_first(md, batch, state, path):
     return {k: {"ms": [round(x, 2) for x in v], "median_ms": float(np.median(v))} for k, v in res.items()}
 
 
-MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first}
+def pieces(md, batch, state, path):
+    from nvalchemi_jax.dynamics.run import dispatch
+
+    def main_thread(k, n):
+        s = state
+        for _ in range(k):
+            s, _ = run_chunk(md, s, batch, n, length=n, **path)
+        return s
+
+    def launcher(k, n, wait_each):
+        s = state
+        for _ in range(k):
+            chunk = dispatch(md, s, batch, n, n, **path)
+            if wait_each:       # as run() does: the next chunk is queued, then this one settles
+                chunk.launched.result()
+            s = chunk
+        if wait_each:
+            s.settle()
+        return s.state
+
+    def settled(k, n):         # run()'s loop: queue chunk i + 1, then settle chunk i
+        current = dispatch(md, state, batch, n, n, **path)
+        for i in range(k):
+            following = dispatch(md, current, batch, n, n, **path) if i + 1 < k else None
+            current.settle()
+            if following is None:
+                return current.state
+            current = following
+
+    out = {}
+    for k, n in ((10, 100), (1, 1000)):
+        tag = f"{k}x{n}"
+        md.run(batch, state=state, max_steps=k * n, chunk_size=n)
+        out[f"main_thread_{tag}_us"] = timed(lambda: main_thread(k, n), 7)
+        out[f"launcher_{tag}_us"] = timed(lambda: launcher(k, n, False), 7)
+        out[f"settled_{tag}_us"] = timed(lambda: settled(k, n), 7)
+        out[f"run_{tag}_us"] = timed(lambda: md.run(batch, state=state, max_steps=k * n, chunk_size=n).state, 7)
+        print(tag, {key: round(v) for key, v in out.items() if tag in key}, flush=True)
+    return out
+
+
+MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces}
 
 
 def main(argv=None):

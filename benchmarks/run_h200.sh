@@ -2,7 +2,7 @@
 # The committed GPU measurements, each workload bounded by a timeout so that one device
 # call (10 minutes at most) finishes:
 #   profile         per-kernel tables of the step and the pair kernel's block shapes (~4 min)
-#   part1           W1 + W2 with the peers (~5-6 min)
+#   part1           W1 + W2 with all the peers (~5-8 min)
 #   part2           W3, W4, W5 and the neighbor-method profile (~5 min)
 #   part2-peers     nvalchemi's W3, fixed and inflight, each warmed up on its timed inputs,
 #                   and ASE (up to ~9 min)
@@ -65,9 +65,9 @@ case $part in
   profile)
     run profile_step 230 profile_step.py --batches 1 1024 --big 32000 256000 --skin 1.0 \
       --trace --blocks 32x16x4 64x16x4 32x32x4 16x16x4 32x8x4 ;;
-  part1)
-    run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 300 --peer-steps 50
-    run w2_single 200 bench_w2_single.py --atoms 32000 256000 --steps 300 --peer-steps 20 ;;
+  part1)   # every peer installed (install_peers.sh); ours 1,000 steps as in w1-peers / w2-peers
+    run w1_batched 270 bench_w1_batched.py --batches 1 64 1024 4096 --steps 1000 --chunk 500 --peer-steps 50
+    run w2_single 280 bench_w2_single.py --atoms 32000 256000 --steps 1000 --peer-steps 20 ;;
   part2)
     run w3_relax 230 bench_w3_relax.py --count 10000 --batch-size 2048 --refill 20 --mixed-count 1000 \
       --mixed-batch 128 --mixed-repeats 3 --fused-count 500 --peers
