@@ -4,9 +4,8 @@
 #   profile         per-kernel tables of the step and the pair kernel's block shapes (~4 min)
 #   part1           W1 + W2 with all the peers (~5-8 min)
 #   part2           W3, W4, W5 and the neighbor-method profile (~5 min)
-#   part2-peers     nvalchemi's W3, fixed and inflight, each warmed up on its timed inputs,
-#                   and ASE (up to ~9 min)
-#   part2-torchsim  torch-sim's W3 (fixed batch)
+#   part2-peers     nvalchemi's W3 inflight, warmed up on its timed inputs (~8 min)
+#   part2-fixed-peers  torch-sim's and nvalchemi's W3 as one batch, and ASE (~3 min)
 #   shifts-ab       W1/W2 with packed against int8 neighbor shifts, alternating rounds
 #   resident        W1 with resident NVE kernels (jax-md alongside), and their tile sweep
 #   shifts-w2       W2 with packed against int8 neighbor shifts, alternating rounds
@@ -28,7 +27,7 @@
 #
 #   export PYTHONPATH=/tmp/peersite:$PWD; bash benchmarks/run_h200.sh part1 $OUT
 set -uo pipefail
-part=${1:?a part: profile, part1, part2, part2-peers, part2-torchsim or shifts-ab}
+part=${1:?a part: profile, part1, part2, part2-peers, part2-fixed-peers, ...}
 out=$(realpath -m "${2:-benchmarks/results}")
 day=$(date +%F)
 mkdir -p "$out"
@@ -87,13 +86,13 @@ case $part in
         rm -f "$out/w1_split_tmp_h200_$day.jsonl"
       done
     done ;;
-  part2-peers)   # nvalchemi warms up on the timed inputs too: each run can take twice as long
-    run w3_relax_peers_fixed 250 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
-      --peers nvalchemi:fixed ase --ase-count 10
-    run w3_relax_peers_inflight 300 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
+  part2-peers)   # nvalchemi's W3 inflight, warmed up on its timed inputs (~8 min in all)
+    run w3_relax_peers_inflight 560 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
       --peers nvalchemi:inflight ;;
-  part2-torchsim)   # torch-sim's fixed-batch FIRE on W3 (never run on the H200 so far)
-    run w3_relax_torchsim 280 bench_w3_relax.py --count 10000 --peers-only --peers torch-sim ;;
+  part2-fixed-peers)   # torch-sim's and nvalchemi's W3 as one batch, and ASE on 10 (~3 min)
+    run w3_relax_torchsim 150 bench_w3_relax.py --count 10000 --peers-only --peers torch-sim
+    run w3_relax_peers_fixed 250 bench_w3_relax.py --count 10000 --batch-size 2048 --peers-only \
+      --peers nvalchemi:fixed ase --ase-count 10 ;;
   shifts-ab)   # packed vs int8 shift storage, ours only, two alternating rounds, one file (~5 min)
     for round in 1 2; do
       order="int8 packed"; [ $round = 2 ] && order="packed int8"
@@ -161,6 +160,6 @@ case $part in
   persistent-profile)   # kernel table of a chunk of the persistent kernel, 32,000 atoms
     run profile_step_persistent 110 profile_step.py --batches --big 32000 --skin 1.3 --steps 100 \
       --path persistent --trace ;;
-  *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-torchsim or shifts-ab)"; exit 2 ;;
+  *) echo "unknown part $part (profile, part1, part2, part2-peers, part2-fixed-peers, ...)"; exit 2 ;;
 esac
 done
