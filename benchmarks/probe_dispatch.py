@@ -164,13 +164,75 @@ def pieces(md, batch, state, path):
     return out
 
 
-MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces}
+def queue_ab(md, batch, state, path, steps=1000, chunk=100, rounds=8):
+    from nvalchemi_jax.dynamics import run as run_module
+
+    new_dispatch = run_module.dispatch
+
+    def old_dispatch(dyn, state, batch, limit, length, prepare=None, **statics):
+        def launch():     # the launch before 2026-11-29 (session 15): records and flags only
+            start = state.state if isinstance(state, run_module.Chunk) else state
+            new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, **statics)
+            for leaf in jax.tree.leaves((buffers, flags)):
+                leaf.copy_to_host_async()
+            return start, new, buffers, flags
+        return run_module.Chunk(run_module._LAUNCHER.submit(run_module._in_callers_settings(launch)), limit)
+
+    variants = {"before": (1, old_dispatch), "copies": (1, new_dispatch),
+                "queued2": (2, new_dispatch), "queued3": (3, new_dispatch)}
+    kept = run_module.QUEUED_AHEAD
+    times = {name: [] for name in variants}
+    try:
+        for r in range(rounds):
+            for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                run_module.QUEUED_AHEAD, run_module.dispatch = variants[name]
+                md.run(batch, state=state, max_steps=chunk, chunk_size=chunk)   # warm
+                t0 = time.perf_counter()
+                jax.block_until_ready(md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        run_module.QUEUED_AHEAD, run_module.dispatch = kept, new_dispatch
+    out = {"steps": steps, "chunk": chunk,
+           **{name: {"ms": [round(t, 2) for t in v], "median_ms": float(np.median(v)),
+                     "atom_steps_per_s": float(batch.num_atoms * steps / np.median(v) * 1e3)}
+              for name, v in times.items()}}
+    print({k: (v["median_ms"] if isinstance(v, dict) else v) for k, v in out.items()}, flush=True)
+    return out
+
+
+def profile(md, batch, state, path):
+    import cProfile
+    import io
+    import pstats
+
+    md.run(batch, state=state, max_steps=1000, chunk_size=100)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        jax.block_until_ready(md.run(batch, state=state, max_steps=1000, chunk_size=100).state)
+    prof.disable()
+    out = {}
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(order).print_stats(30)
+        out[order] = text.getvalue().splitlines()
+        print("\n".join(out[order]), flush=True)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).print_callers("asarray|_value")   # which waits are whose
+    out["callers"] = text.getvalue().splitlines()
+    print("\n".join(out["callers"]), flush=True)
+    return out
+
+
+MODES = {"overhead": overhead, "profile": profile, "queue-ab": queue_ab, "variants": variants, "sync-first": sync_first, "pieces": pieces}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=list(MODES))
     p.add_argument("--repeats", type=int, default=20, help="FCC cells per edge (20: 32,000 atoms)")
+    p.add_argument("--steps", type=int, default=1000, help="queue-ab: steps per run")
+    p.add_argument("--chunk", type=int, default=100, help="queue-ab: steps per chunk")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batch = batch_of(*nve_inputs(1, args.repeats))
@@ -180,7 +242,9 @@ def main(argv=None):
     path = fused_paths(md, batch)
     row = {"date": time.strftime("%F"), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "probe": args.mode, "atoms": int(batch.num_atoms),
-           "path": {k: int(v) for k, v in path.items()}, **MODES[args.mode](md, batch, state, path)}
+           "path": {k: int(v) for k, v in path.items()}}
+    extra = dict(steps=args.steps, chunk=args.chunk) if args.mode == "queue-ab" else {}
+    row.update(MODES[args.mode](md, batch, state, path, **extra))
     print(json.dumps(row))
     if args.out:
         with open(args.out, "a") as f:

@@ -240,9 +240,12 @@ def _recording_observer(seen, frequency):
                 on_host=on_host, frequency=frequency)
 
 
-def test_next_chunk_is_queued_before_records_are_handed_over(monkeypatch):
-    """The run loop queues chunk k + 1 before giving chunk k's rows to observers (host work
-    overlaps device work), and the rows are those of a plain chunk-after-chunk loop."""
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_next_chunk_is_queued_before_records_are_handed_over(monkeypatch, ahead):
+    """The run loop queues chunks k + 1 .. k + QUEUED_AHEAD before giving chunk k's rows to
+    observers (host work overlaps device work), never more than the run's steps, and the rows
+    are those of a plain chunk-after-chunk loop."""
+    monkeypatch.setattr(run_module, "QUEUED_AHEAD", ahead)
     batch = argon_batch(repeats=[(2, 2, 2), (2, 2, 3)], temperature=30.0)
     events, seen = [], []
     original = run_module.dispatch
@@ -258,7 +261,9 @@ def test_next_chunk_is_queued_before_records_are_handed_over(monkeypatch):
                                    on_host=lambda r, d, steps: events.append(steps.tolist()))])
     state = md.init(batch)
     result = md.run(batch, state=state, chunk_size=10)
-    assert events == ["dispatch", "dispatch", [0, 4, 8], "dispatch", [12, 16], [20, 24]]
+    queued = {1: ["dispatch", "dispatch", [0, 4, 8], "dispatch", [12, 16], [20, 24]],
+              2: ["dispatch", "dispatch", "dispatch", [0, 4, 8], [12, 16], [20, 24]]}
+    assert events == queued[ahead]
     assert result.steps == 25 and result.chunks == 3
 
     # Reference: one chunk at a time, each handed over before the next is started.
