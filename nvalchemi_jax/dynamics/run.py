@@ -128,10 +128,10 @@ run_chunk = jax.jit(chunk_steps, static_argnames=("length", "resident", "fused",
                     compiler_options=CHUNK_COMPILER_OPTIONS)
 
 
-# Chunks queued beyond the one the host waits for. With one, the host launched chunk k + 2
-# only once chunk k's flags came back, and W2 at 32,000 atoms (3.1 ms of device work per
-# chunk, 1.9 ms to launch one) waited ~0.13 ms per chunk. Each costs a state's memory.
-QUEUED_AHEAD = 2
+# Chunks queued beyond the one the host waits for; each costs a state's memory. More did not
+# help on an H200 (W2 32,000 atoms, 1,000 steps in chunks of 100, medians of 8 alternating
+# runs: 31.8 / 32.7 / 32.9 ms with 1 / 2 / 3; results/probe_dispatch_h200_2026-11-29_queue-ab).
+QUEUED_AHEAD = 1
 
 # One worker, so chunks launch in order and a chunk's input is ready when it starts.
 _LAUNCHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvalchemi-jax-launch")
