@@ -282,11 +282,13 @@ def test_next_chunk_is_queued_before_records_are_handed_over(monkeypatch, ahead)
     np.testing.assert_array_equal(result.state.positions, s.positions)
 
 
-def test_overflow_drops_the_queued_chunk_and_keeps_records_in_order(x64):
-    """Chunk 1 overflows its neighbor list; chunk 2, already queued from chunk 1's result, is
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_overflow_drops_the_queued_chunk_and_keeps_records_in_order(x64, monkeypatch, ahead):
+    """Chunk 1 overflows its neighbor list; the chunks already queued from its result are
     dropped with it. Observers see each due step once, in order, with the values of a run
     that had the grown list from the start (the initial forces, which missed pairs, are
     computed again)."""
+    monkeypatch.setattr(run_module, "QUEUED_AHEAD", ahead)
     batch = argon_batch(temperature=30.0)
     seen = []
     md = NVE(model=LJ, dt=3.0, n_steps=9, hooks=[_recording_observer(seen, frequency=2)])
