@@ -25,7 +25,7 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
          manylinux2014_x86_64 manylinux1_x86_64; do platforms+=(--platform "$p"); done
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$work/site" --python-version 3.12 \
-  --implementation cp --only-binary=:all: "${platforms[@]}" "$work"/wheels/*.whl
+  --implementation cp --only-binary=:all: --ignore-requires-python "${platforms[@]}" "$work"/wheels/*.whl
 site=$work/site
 rm -rf "$site"/warp/bin/warp-clang.so "$site"/warp/examples "$site"/warp/tests
 record=$(ls "$site"/warp_lang-*.dist-info/RECORD)
