@@ -3,7 +3,7 @@ the run loop's fixed costs (W2 by default: one crystal of 32,000 argon atoms, 1.
 
 A GPU chunk is a CUDA graph (``run.CHUNK_COMPILER_OPTIONS``); XLA updates the graph's
 nodes on the host when a launch's buffers differ from the last one's, which every chained
-chunk's do. Three modes, each printing one JSON object (appended to ``--out``):
+chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 
 - ``overhead``: ``run()`` of 1,000 steps against chained ``run_chunk`` calls (chunks of 100
   and 1,000 steps), and the host-side pieces of ``run()``;
@@ -14,7 +14,12 @@ chunk's do. Three modes, each printing one JSON object (appended to ``--out``):
   system runs (what ``run`` did before its first chunk until 2026-11-29), alternating;
 - ``pieces``: where ``run()``'s time beyond its chunks goes: chained chunks launched from
   this thread, then through ``dispatch`` (the launcher thread), then waited for chunk by
-  chunk as ``run`` does, then ``run()`` itself; 10 x 100 and 1 x 1,000 steps.
+  chunk as ``run`` does, then ``run()`` itself; 10 x 100 and 1 x 1,000 steps;
+- ``queue-ab``: ``run()`` of ``--steps`` in chunks of ``--chunk`` as it was before
+  2026-11-29 (result fields fetched one by one at the end), with the result fields copied
+  as each chunk ends, and with 2 and 3 chunks queued ahead; alternating, in one process;
+- ``profile``: ``cProfile`` of ten ``run()`` calls (10 x 100 steps): the host functions
+  that take its time, waits included.
 
     python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
 """
@@ -132,15 +137,10 @@ def pieces(md, batch, state, path):
             s, _ = run_chunk(md, s, batch, n, length=n, **path)
         return s
 
-    def launcher(k, n, wait_each):
+    def launcher(k, n):
         s = state
         for _ in range(k):
-            chunk = dispatch(md, s, batch, n, n, **path)
-            if wait_each:       # as run() does: the next chunk is queued, then this one settles
-                chunk.launched.result()
-            s = chunk
-        if wait_each:
-            s.settle()
+            s = dispatch(md, s, batch, n, n, **path)
         return s.state
 
     def settled(k, n):         # run()'s loop: queue chunk i + 1, then settle chunk i
@@ -157,7 +157,7 @@ def pieces(md, batch, state, path):
         tag = f"{k}x{n}"
         md.run(batch, state=state, max_steps=k * n, chunk_size=n)
         out[f"main_thread_{tag}_us"] = timed(lambda: main_thread(k, n), 7)
-        out[f"launcher_{tag}_us"] = timed(lambda: launcher(k, n, False), 7)
+        out[f"launcher_{tag}_us"] = timed(lambda: launcher(k, n), 7)
         out[f"settled_{tag}_us"] = timed(lambda: settled(k, n), 7)
         out[f"run_{tag}_us"] = timed(lambda: md.run(batch, state=state, max_steps=k * n, chunk_size=n).state, 7)
         print(tag, {key: round(v) for key, v in out.items() if tag in key}, flush=True)
@@ -224,7 +224,8 @@ def profile(md, batch, state, path):
     return out
 
 
-MODES = {"overhead": overhead, "profile": profile, "queue-ab": queue_ab, "variants": variants, "sync-first": sync_first, "pieces": pieces}
+MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces,
+         "queue-ab": queue_ab, "profile": profile}
 
 
 def main(argv=None):
