@@ -393,7 +393,7 @@ def _search_method() -> str:
     return "scan" if jax.default_backend() == "cpu" else "scan_unrolled"
 
 
-def _system_segments(batch: Batch):
+def system_segments(batch: Batch):
     """Atoms sorted by system: ``order (N,)``, ``start (S,)``, ``count (S,)``."""
     order = jnp.argsort(batch.system_index, stable=True).astype(jnp.int32)
     bounds = jnp.searchsorted(batch.system_index[order], jnp.arange(batch.num_systems + 1),
@@ -429,7 +429,7 @@ def _build_all_pairs(spec, positions, batch, frame, inverse, widths):
     # Materialised once: both passes of _compact round the same fractional separations
     # (recomputed in each fusion, a pair half a cell away could round to different images).
     frac = jax.lax.optimization_barrier(vecmat(positions, gather_systems(inverse, sys_i)))
-    order, start, count = _system_segments(batch)
+    order, start, count = system_segments(batch)
     # Images beyond the nearest one that can still lie within rc, per system and axis:
     # the candidates of a system are its atoms times its own image count.
     reach = jnp.where(batch.pbc & batch.system_mask[:, None],

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvalchemi_jax import _pallas, units
+from nvalchemi_jax import _pallas, neighbors, units
+from nvalchemi_jax._linalg import inv3
 from nvalchemi_jax.batch import Batch
 
 #: Largest system (atoms) held in one program: all-pairs work grows as n². At 256 atoms
@@ -140,9 +141,9 @@ def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
 def atom_table(batch: Batch, width: int) -> jax.Array:
     """``(S, width) int32``: each system's atoms in order (``num_atoms`` pads the rows)."""
     n, s = batch.num_atoms, batch.num_systems
-    order = jnp.argsort(batch.system_index, stable=True)
+    # (jnp.searchsorted's default loop ran on the host on a GPU: 9 graph launches a chunk.)
+    order, first, _ = neighbors.system_segments(batch)
     owner = batch.system_index[order]
-    first = jnp.searchsorted(owner, jnp.arange(s, dtype=owner.dtype))
     rank = jnp.arange(n, dtype=jnp.int32) - first[jnp.minimum(owner, s - 1)]
     table = jnp.full((s, width), n, jnp.int32)
     return table.at[owner, rank].set(order.astype(jnp.int32), mode="drop")
@@ -198,7 +199,7 @@ def _inputs(params, num_species, cell, dtype, interpret):
     names, flat, is_table = _parameter_refs(params, num_species)
     cell = cell.astype(dtype)
     interpret = _pallas.interpreted(interpret)
-    return (names, [p.astype(dtype) for p in flat], is_table, cell, jnp.linalg.inv(cell), interpret,
+    return (names, [p.astype(dtype) for p in flat], is_table, cell, inv3(cell), interpret,
             _pallas.spare(interpret))
 
 

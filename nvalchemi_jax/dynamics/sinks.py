@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvalchemi_jax import neighbors
 from nvalchemi_jax.frames import ATOM_FIELDS, FRAME_FIELDS, Frames
 
 
@@ -193,8 +194,8 @@ def _gather_into(atoms, frames, state, batch, src, dst, max_atoms):
     # Each selected system's atoms, in index order, into rows of the buffer.
     n_atoms = batch.num_atoms
     index = jnp.arange(n_atoms)
-    order = jnp.argsort(batch.system_index, stable=True)
-    start = jnp.searchsorted(batch.system_index[order], src)
+    order, first, _ = neighbors.system_segments(batch)
+    start = first[src]
     cols = jnp.arange(atoms["positions"].shape[1])
     take = order[jnp.clip(start[:, None] + cols[None, :], 0, n_atoms - 1)]
     valid = cols[None, :] < batch.n_atoms[src][:, None]
