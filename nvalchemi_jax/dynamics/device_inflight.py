@@ -40,7 +40,7 @@ from nvalchemi_jax.batch import ATOM_FIELDS, PADDING, Batch, gather_systems
 from nvalchemi_jax.capacity import Capacity
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.inflight import InflightResult, refill_state
-from nvalchemi_jax.dynamics.run import (CHUNK_COMPILER_OPTIONS, _observers, _Progress, chunk_steps, device_leaves,
+from nvalchemi_jax.dynamics.run import (CHUNK_COMPILER_OPTIONS, _observers, _Progress, chunk_steps,
                                         hand_over, regrown)
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
@@ -274,7 +274,6 @@ def _run(dyn, sampler, indices, key, refill_frequency, max_steps, progress, min_
     remaining = UNLIMITED if max_steps is None else int(max_steps)
     budget = jnp.int32(min(remaining, UNLIMITED))
     observers = _observers(dyn)
-    dyn_on_device = device_leaves(dyn)      # what the calls take
     periods = -(-chunk_size // refill_frequency)
     bar = _Progress(len(sizes), slots.batch, unit="samples") if progress else None
     taken = chunks = refills = regrows = 0
@@ -282,7 +281,7 @@ def _run(dyn, sampler, indices, key, refill_frequency, max_steps, progress, min_
     try:
         while True:
             new_state, new_slots, new_budget, flags, stats = advance(
-                dyn_on_device, state, slots, pool, starts, count, budget, length=refill_frequency, periods=periods)
+                dyn, state, slots, pool, starts, count, budget, length=refill_frequency, periods=periods)
             overflow, went, live, cursor, done = (int(x) for x in np.asarray(flags))
             if overflow:
                 # Redo the call from its start with a list large enough for what it needed.

@@ -43,8 +43,7 @@ from nvalchemi_jax._validation import sizes_of
 from nvalchemi_jax.batch import ATOM_FIELDS, PADDING, Batch, gather_systems
 from nvalchemi_jax.dynamics import status as status_codes
 from nvalchemi_jax.dynamics.base import blend_stage
-from nvalchemi_jax.dynamics.run import (CHUNK_COMPILER_OPTIONS, _observers, _Progress, device_leaves, dispatch,
-                                     hand_over, regrown)
+from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, _observers, _Progress, dispatch, hand_over, regrown
 from nvalchemi_jax.dynamics.sinks import write_all
 from nvalchemi_jax.frames import Frames
 from nvalchemi_jax import neighbors
@@ -184,7 +183,6 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
     host = jax.device_get(batch)            # the host's copy of the batch, kept in step by refills
     exit_status = dyn.exit_status
     observers = _observers(dyn)
-    dyn_on_device = device_leaves(dyn)      # what the launches take
     bar = _Progress(len(sampler), batch, unit="samples") if progress else None
     taken = chunks = refills = regrows = written = failed = 0
     occupancy, padding = [], []
@@ -223,7 +221,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 new[slots] = True
                 new_host = refilled_batch(host, freed, systems, slots, free_atoms)
                 new_batch, freed_d, new_d = jax.device_put((new_host, freed, new))
-                prepare = functools.partial(refill, dyn_on_device, old=batch, batch=new_batch, freed=freed_d, new=new_d)
+                prepare = functools.partial(refill, dyn, old=batch, batch=new_batch, freed=freed_d, new=new_d)
                 batch, host = new_batch, new_host
                 refills += 1
                 _refilled_status(view, dyn, freed, new)
@@ -236,7 +234,7 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 # A chunk with nothing to step still applies its refill (its steps are skipped).
                 limit = refill_frequency if max_steps is None else min(refill_frequency, max_steps - planned())
                 start = launched[-1].chunk if launched else state
-                launched.append(_Launch(dispatch(dyn_on_device, start, batch, limit, refill_frequency, prepare=prepare),
+                launched.append(_Launch(dispatch(dyn, start, batch, limit, refill_frequency, prepare=prepare),
                                         batch, prepare, limit, freed, new))
             if len(launched) == 1 and running and room():
                 continue            # keep one chunk queued ahead before waiting
@@ -265,11 +263,11 @@ def run_inflight(dyn, sampler, sinks, key=None, refill_frequency: int = 10, max_
                 regrows += 1
                 start = regrown(dyn, oldest.chunk.start, oldest.chunk.state, oldest.batch)
                 none = np.zeros_like(oldest.freed)     # its refill is in `start` already
-                redo = [_Launch(dispatch(dyn_on_device, start, oldest.batch, oldest.limit, refill_frequency),
+                redo = [_Launch(dispatch(dyn, start, oldest.batch, oldest.limit, refill_frequency),
                                 oldest.batch, None, oldest.limit, none, none)]
                 for launch in launched:
                     redo.append(dataclasses.replace(launch, chunk=dispatch(
-                        dyn_on_device, redo[-1].chunk, launch.batch, launch.limit, refill_frequency, prepare=launch.prepare)))
+                        dyn, redo[-1].chunk, launch.batch, launch.limit, refill_frequency, prepare=launch.prepare)))
                 launched = redo
                 view, _ = _view(start)
                 for launch in launched[1:]:

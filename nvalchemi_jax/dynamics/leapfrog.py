@@ -257,9 +257,7 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     # chunks of 100 steps: ~2 ms per chunk), and a skipped segment costs ~7 µs. A chunk
     # whose segments are all taken before its last index ends early, at a step's end; the
     # run loop goes on from there.
-    # Unrolled: a loop of segments is a host-driven loop on a GPU, one graph launch each.
-    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=persistent.SEGMENTS,
-                            unroll=persistent.SEGMENTS if persistent.UNROLL else 1)
+    carry, _ = jax.lax.scan(maybe_segment, carry, None, length=persistent.SEGMENTS)
     early = go_on(carry)
     last = jnp.where(early, carry[3], jnp.maximum(trips - 1, 0))
     carry = jax.lax.cond(early, end_early, lambda c: c, carry)

@@ -67,8 +67,6 @@ AUTO_MAX_ATOMS = 65_536
 #: Kernel calls per chunk, as a fixed sequence of skippable segments (a rebuild or a
 #: non-finite step ends a call); a chunk that needs more ends early.
 SEGMENTS = 8
-#: The segments as one straight sequence (else a loop).
-UNROLL = True
 #: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
 #: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
 _SKIP: frozenset = frozenset()

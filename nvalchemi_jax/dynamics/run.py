@@ -17,7 +17,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import time
-import functools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -186,20 +186,6 @@ class Chunk:
         return bool(overflow), went, bool(active)
 
 
-def device_leaves(tree):
-    """``tree`` with the leaves that are not JAX arrays (Python and NumPy numbers: a model's
-    parameters, a time step) put on the device, for a run to do once: a jitted call copies
-    each such leaf to the device at every launch (three per W1 chunk, ~30-50 µs each of
-    host time on an H200)."""
-    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), tree)
-
-
-@functools.lru_cache(maxsize=64)
-def _device_int(value: int, device, x64: bool) -> jax.Array:
-    # A chunk's step limit, copied to the device once per value (and default device).
-    return jnp.asarray(value)
-
-
 def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
              fused: bool = False, parts: int = 0, grid: int = 0) -> Chunk:
     """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
@@ -212,8 +198,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
         start = state.state if isinstance(state, Chunk) else state
         if prepare is not None:
             start = prepare(start)
-        steps = _device_int(limit, jax.config.jax_default_device, jax.config.jax_enable_x64)
-        new, (buffers, flags) = run_chunk(dyn, start, batch, steps, length=length, resident=resident,
+        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, resident=resident,
                                           fused=fused, parts=parts, grid=grid)
         # The run's result fields too: fetched one by one at the end, each was a round trip
         # (~0.3 ms on an H200); copied as every chunk ends, the last chunk's are there at once.
@@ -279,7 +264,6 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
         dyn.check(batch)
     observers = _observers(dyn)
     path = fused_paths(dyn, batch)
-    dyn_on_device = device_leaves(dyn)
     bar = _Progress(max_steps, batch) if progress else None
     taken = chunks = regrows = 0
     try:
@@ -291,7 +275,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
         while True:
             while len(pending) <= QUEUED_AHEAD and planned < max_steps:
                 limit = min(chunk_size, max_steps - planned)
-                pending.append(dispatch(dyn_on_device, pending[-1] if pending else state, batch, limit,
+                pending.append(dispatch(dyn, pending[-1] if pending else state, batch, limit,
                                         chunk_size, **path))
                 planned += limit
             if not pending:
@@ -307,7 +291,7 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
                 # Drop this chunk and those computed from it; redo from a larger list.
                 regrows += 1
                 pending.clear()
-                pending.append(dispatch(dyn_on_device, regrown(dyn, current.start, current.state, batch), batch,
+                pending.append(dispatch(dyn, regrown(dyn, current.start, current.state, batch), batch,
                                         current.limit, chunk_size, **path))
                 planned = taken + current.limit
                 continue
