@@ -19,7 +19,11 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
   2026-11-29 (result fields fetched one by one at the end), with the result fields copied
   as each chunk ends, and with 2 and 3 chunks queued ahead; alternating, in one process;
 - ``profile``: ``cProfile`` of ten ``run()`` calls (10 x 100 steps): the host functions
-  that take its time, waits included.
+  that take its time, waits included;
+- ``lengths``: one chunk at lengths 10 to 2,000 steps, launched on an idle device: host
+  launch time and time to result (slope: device time per step; intercept: fixed cost);
+- ``host-trace``: ``jax.profiler``'s host and device events over 20 launches of a 10-step
+  chunk, per launch: what the host does to launch one.
 
     python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
 """
@@ -224,25 +228,90 @@ def profile(md, batch, state, path):
     return out
 
 
+def lengths(md, batch, state, path):
+    """One chunk, launched when the device is idle, at several lengths: the host's time to
+    launch it and the time to its result (medians of 9); the slope between lengths is the
+    device time per step, the intercept the chunk's fixed cost. Then ``run()`` of 1,000
+    steps in chunks of 500 and of 1,000."""
+    out = {"chunks": [], "runs": []}
+    for length in (10, 100, 500, 1000, 2000):
+        jax.block_until_ready(run_chunk(md, state, batch, length, length=length, **path))
+        launch, total = [], []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            new = run_chunk(md, state, batch, length, length=length, **path)
+            t1 = time.perf_counter()
+            jax.block_until_ready(new)
+            launch.append(t1 - t0)
+            total.append(time.perf_counter() - t0)
+        out["chunks"].append({"length": length, "launch_us": 1e6 * float(np.median(launch)),
+                              "total_us": 1e6 * float(np.median(total))})
+        print(json.dumps(out["chunks"][-1]), flush=True)
+    for chunk in (500, 1000):
+        md.run(batch, state=state, max_steps=1000, chunk_size=chunk)
+        out["runs"].append({"chunk": chunk, "run_1000_us": timed(
+            lambda: md.run(batch, state=state, max_steps=1000, chunk_size=chunk).state, 7)})
+    return out
+
+
+def host_trace(md, batch, state, path, launches=20, top=40):
+    """``jax.profiler`` over ``launches`` launches of a 10-step chunk, each waited for: the
+    host's events (PJRT's execute, XLA's thunks and CUDA graph updates, transfers of
+    arguments, Python) and the device's, in µs per launch, the largest first."""
+    import glob
+    import gzip
+    import tempfile
+    from collections import defaultdict
+
+    for _ in range(3):
+        jax.block_until_ready(run_chunk(md, state, batch, 10, length=10, **path))
+    launch = []
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(launches):
+                t0 = time.perf_counter()
+                new = run_chunk(md, state, batch, 10, length=10, **path)
+                launch.append(time.perf_counter() - t0)
+                jax.block_until_ready(new)
+        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
+        events = json.load(gzip.open(files[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            key = ("device" if "/device:" in procs.get(e["pid"], "") else "host", e["name"][:100])
+            total[key] += e["dur"]
+            count[key] += 1
+    ranked = sorted(total, key=total.get, reverse=True)[:top]
+    rows = [{"where": w, "name": n, "us_per_launch": round(total[w, n] / launches, 1), "events": count[w, n]}
+            for w, n in ranked]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return {"launch_us_median": 1e6 * float(np.median(launch)), "events": rows}
+
+
 MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces,
-         "queue-ab": queue_ab, "profile": profile}
+         "queue-ab": queue_ab, "profile": profile, "lengths": lengths, "host-trace": host_trace}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=list(MODES))
     p.add_argument("--repeats", type=int, default=20, help="FCC cells per edge (20: 32,000 atoms)")
+    p.add_argument("--count", type=int, default=1, help="crystals (W1: --count 1 --repeats 4 --skin 1)")
+    p.add_argument("--skin", type=float, default=1.3)
     p.add_argument("--steps", type=int, default=1000, help="queue-ab: steps per run")
     p.add_argument("--chunk", type=int, default=100, help="queue-ab: steps per chunk")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    batch = batch_of(*nve_inputs(1, args.repeats))
-    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=1.3)
+    batch = batch_of(*nve_inputs(args.count, args.repeats))
+    md = NVE(LennardJones(**LJ, shift=True), dt=5.0, n_steps=10**9, skin=args.skin)
     state = md.run(batch, max_steps=100, chunk_size=100).state
     jax.block_until_ready(state)
     path = fused_paths(md, batch)
     row = {"date": time.strftime("%F"), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-           "probe": args.mode, "atoms": int(batch.num_atoms),
+           "probe": args.mode, "atoms": int(batch.num_atoms), "systems": args.count, "skin": args.skin,
            "path": {k: int(v) for k, v in path.items()}}
     extra = dict(steps=args.steps, chunk=args.chunk) if args.mode == "queue-ab" else {}
     row.update(MODES[args.mode](md, batch, state, path, **extra))
