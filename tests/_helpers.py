@@ -100,7 +100,9 @@ def mixed_batch(temperature=60.0):
 
 @contextlib.contextmanager
 def count_compilations():
-    """Counts XLA backend compilations inside the block: ``with count_compilations() as n: ...; n[0]``."""
+    """Counts XLA backend compilations inside the block: ``with count_compilations() as n: ...; n[0]``.
+    A program loaded from the persistent compilation cache (conftest) counts too: JAX records
+    the same event for it."""
     count = [0]
 
     def listener(name, secs, **kwargs):

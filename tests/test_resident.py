@@ -145,3 +145,18 @@ def test_which_runs_qualify(kernels):
     kernels.setenv("NVALCHEMI_JAX_RESIDENT", "1")
     kernels.setenv("NVALCHEMI_JAX_KERNELS", "auto")     # auto: the kernels only on a GPU
     assert resident.plan(md, batch) == (128 if resident._pallas.on_gpu() else 0)
+
+
+def test_atom_table_lists_each_systems_atoms_in_order_after_refills():
+    """Refills put a system's atoms in whatever slots are free, so a system's atoms need not
+    be contiguous; padding atoms (index S) and empty system slots stay out of the table."""
+    from nvalchemi_jax import Capacity
+    batch = argon_batch(repeats=[(1, 1, 1), (1, 1, 2), (1, 1, 1)], capacity=Capacity(4, 24, 32))
+    # Interleaved systems, padding atoms between them, system slot 3 empty.
+    index = np.array([2, 0, 1, 4, 1, 0, 2, 1, 4, 0, 1, 2, 1, 0, 1, 4, 1, 2, 1, 4, 4, 4, 4, 4], np.int32)
+    table = np.asarray(resident.atom_table(batch.replace(system_index=jnp.asarray(index)), 12))
+    n = batch.num_atoms
+    for s in range(4):
+        atoms = np.flatnonzero(index == s)
+        np.testing.assert_array_equal(table[s, :len(atoms)], atoms)
+        assert (table[s, len(atoms):] == n).all()
