@@ -274,7 +274,10 @@ def host_trace(md, batch, state, path, launches=20, top=40):
                 launch.append(time.perf_counter() - t0)
                 jax.block_until_ready(new)
         files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(files[0]))
+        if not files:
+            raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {d}")
+        with gzip.open(files[0]) as f:
+            events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     total, count = defaultdict(float), defaultdict(int)

@@ -141,7 +141,8 @@ def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
 def atom_table(batch: Batch, width: int) -> jax.Array:
     """``(S, width) int32``: each system's atoms in order (``num_atoms`` pads the rows)."""
     n, s = batch.num_atoms, batch.num_systems
-    # (jnp.searchsorted's default loop ran on the host on a GPU: 9 graph launches a chunk.)
+    # system_segments unrolls its search on GPUs: jnp.searchsorted's default loop ran from
+    # the host there, 9 graph launches a chunk.
     order, first, _ = neighbors.system_segments(batch)
     owner = batch.system_index[order]
     rank = jnp.arange(n, dtype=jnp.int32) - first[jnp.minimum(owner, s - 1)]

@@ -193,7 +193,6 @@ class GPUBuffer(Sink):
 def _gather_into(atoms, frames, state, batch, src, dst, max_atoms):
     # Each selected system's atoms, in index order, into rows of the buffer.
     n_atoms = batch.num_atoms
-    index = jnp.arange(n_atoms)
     order, first, _ = neighbors.system_segments(batch)
     start = first[src]
     cols = jnp.arange(atoms["positions"].shape[1])
@@ -211,7 +210,6 @@ def _gather_into(atoms, frames, state, batch, src, dst, max_atoms):
                  "sample_id": batch.sample_id, "status": state.status, "failure": state.failure,
                  "step": state.step, "n_atoms": batch.n_atoms}
     out_frames = {f: buf.at[dst].set(per_frame[f][src].astype(buf.dtype)) for f, buf in frames.items()}
-    del index
     return out_atoms, out_frames
 
 
