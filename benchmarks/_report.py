@@ -35,26 +35,37 @@ def median_seconds(fn, *args, repeat: int = 20) -> float:
     return statistics.median(runs)
 
 
-def gpu_kernels(fn) -> tuple[dict, dict]:
-    """Run ``fn()`` (results waited for) under ``jax.profiler``: GPU microseconds and launches
-    per kernel name (device-to-host copies included), from the Perfetto trace JAX writes."""
+def traced_events(fn) -> list[tuple[str, str, float]]:
+    """Run ``fn()`` (results waited for) under ``jax.profiler``: ``(process, name, µs)`` of
+    every complete event in the Perfetto trace JAX writes (processes ``/host:CPU``,
+    ``/device:GPU:0``, ...); empty if no trace was written."""
     import glob
     import gzip
     import tempfile
-    from collections import defaultdict
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             jax.block_until_ready(fn())
         files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        events = json.load(gzip.open(files[0])) if files else []
+        events = []
+        if files:
+            with gzip.open(files[0]) as f:
+                events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return [(pids.get(e.get("pid"), ""), e["name"], e["dur"]) for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def gpu_kernels(fn) -> tuple[dict, dict]:
+    """Run ``fn()`` (results waited for) under ``jax.profiler``: GPU microseconds and launches
+    per kernel name (device-to-host copies included)."""
+    from collections import defaultdict
+
     total, count = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "") and "dur" in e:
-            total[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+    for process, name, us in traced_events(fn):
+        if "/device:GPU" in process:
+            total[name] += us
+            count[name] += 1
     return dict(total), dict(count)
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _nve import LJ, batch_of
-from _report import median_seconds
+from _report import median_seconds, traced_events
 from peers import nve_inputs
 from nvalchemi_jax.dynamics import NVE, persistent
 from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps, fused_paths, run_chunk
@@ -258,34 +258,27 @@ def host_trace(md, batch, state, path, launches=20, top=40):
     """``jax.profiler`` over ``launches`` launches of a 10-step chunk, each waited for: the
     host's events (PJRT's execute, XLA's thunks and CUDA graph updates, transfers of
     arguments, Python) and the device's, in µs per launch, the largest first."""
-    import glob
-    import gzip
-    import tempfile
     from collections import defaultdict
 
     for _ in range(3):
         jax.block_until_ready(run_chunk(md, state, batch, 10, length=10, **path))
     launch = []
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(launches):
-                t0 = time.perf_counter()
-                new = run_chunk(md, state, batch, 10, length=10, **path)
-                launch.append(time.perf_counter() - t0)
-                jax.block_until_ready(new)
-        files = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        if not files:
-            raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {d}")
-        with gzip.open(files[0]) as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+    def launches_waited():
+        for _ in range(launches):
+            t0 = time.perf_counter()
+            new = run_chunk(md, state, batch, 10, length=10, **path)
+            launch.append(time.perf_counter() - t0)
+            jax.block_until_ready(new)
+
+    events = traced_events(launches_waited)
+    if not events:
+        raise RuntimeError("jax.profiler wrote no Perfetto trace")
     total, count = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            key = ("device" if "/device:" in procs.get(e["pid"], "") else "host", e["name"][:100])
-            total[key] += e["dur"]
-            count[key] += 1
+    for process, name, us in events:
+        key = ("device" if "/device:" in process else "host", name[:100])
+        total[key] += us
+        count[key] += 1
     ranked = sorted(total, key=total.get, reverse=True)[:top]
     rows = [{"where": w, "name": n, "us_per_launch": round(total[w, n] / launches, 1), "events": count[w, n]}
             for w, n in ranked]
