@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -12,7 +13,8 @@ import jax
 def header(precision: str | None = None) -> dict:
     return {"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0].device_kind),
             "platform": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
-            "precision": precision or ("float64" if jax.config.jax_enable_x64 else "float32")}
+            "precision": precision or ("float64" if jax.config.jax_enable_x64 else "float32"),
+            **({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {})}
 
 
 def emit(rows: list[dict], out: str | None = None) -> None:
@@ -35,10 +37,10 @@ def median_seconds(fn, *args, repeat: int = 20) -> float:
     return statistics.median(runs)
 
 
-def traced_events(fn) -> list[tuple[str, str, float]]:
-    """Run ``fn()`` (results waited for) under ``jax.profiler``: ``(process, name, µs)`` of
-    every complete event in the Perfetto trace JAX writes (processes ``/host:CPU``,
-    ``/device:GPU:0``, ...); empty if no trace was written."""
+def traced_events(fn) -> list[tuple[str, str, float, float]]:
+    """Run ``fn()`` (results waited for) under ``jax.profiler``: ``(process, name, µs, start
+    µs)`` of every complete event in the Perfetto trace JAX writes (processes ``/host:CPU``,
+    ``/device:GPU:0``, ...; starts on one clock); empty if no trace was written."""
     import glob
     import gzip
     import tempfile
@@ -53,7 +55,8 @@ def traced_events(fn) -> list[tuple[str, str, float]]:
                 events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return [(pids.get(e.get("pid"), ""), e["name"], e["dur"]) for e in events if e.get("ph") == "X" and "dur" in e]
+    return [(pids.get(e.get("pid"), ""), e["name"], e["dur"], e.get("ts", 0.0))
+            for e in events if e.get("ph") == "X" and "dur" in e]
 
 
 def gpu_kernels(fn) -> tuple[dict, dict]:
@@ -62,7 +65,7 @@ def gpu_kernels(fn) -> tuple[dict, dict]:
     from collections import defaultdict
 
     total, count = defaultdict(float), defaultdict(int)
-    for process, name, us in traced_events(fn):
+    for process, name, us, _ in traced_events(fn):
         if "/device:GPU" in process:
             total[name] += us
             count[name] += 1

@@ -9,7 +9,8 @@ copy of the working tree without git, so older versions are exported here first:
                                                     #    carry it to the device machine)
 
 then, on the device (each version is a package directory, or "." for the working tree;
-``--setup NAME=statement`` runs Python before that version's script, e.g. a module switch):
+``--setup NAME=statement`` runs Python before that version's script, e.g. a module switch;
+``--env NAME=VAR=VALUE`` sets an environment variable for that version, e.g. ``XLA_FLAGS``):
 
     python benchmarks/ab.py run --version old=benchmarks/_ab/old --version new=. \\
         --setup packed="import nvalchemi_jax.neighbors as n; n.DEFAULT_SHIFT_DTYPE = 'packed'" \\
@@ -57,7 +58,7 @@ def _pairs(items, what):
     return out
 
 
-def run(versions, setups, rounds, out, script):
+def run(versions, setups, rounds, out, script, envs=None):
     """Every version's run of ``script`` (a list: the script and its arguments) per round."""
     names = list(versions)
     values = {name: [] for name in names}
@@ -74,6 +75,7 @@ def run(versions, setups, rounds, out, script):
                         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                     [path] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+                env.update((envs or {}).get(name, {}))
                 done = subprocess.run([sys.executable, "-c", code, *script, "--out", rows_file],
                                       cwd=HERE, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -98,6 +100,7 @@ def main(argv=None):
     pr = sub.add_parser("run", help="alternating rounds of one script over the versions")
     pr.add_argument("--version", action="append", required=True, help="NAME=DIR ('.': the working tree)")
     pr.add_argument("--setup", action="append", default=[], help="NAME=python statement")
+    pr.add_argument("--env", action="append", default=[], help="NAME=VAR=VALUE (an environment variable)")
     pr.add_argument("--rounds", type=int, default=2)
     pr.add_argument("--out", required=True)
     pr.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS (from benchmarks/)")
@@ -108,7 +111,14 @@ def main(argv=None):
     script = a.script[1:] if a.script[:1] == ["--"] else a.script
     if not script:
         raise SystemExit("run needs a script after --")
-    run(_pairs(a.version, "version"), _pairs(a.setup, "setup"), a.rounds, a.out, script)
+    envs = {}
+    for item in a.env:
+        name, _, assignment = item.partition("=")
+        var, sep, value = assignment.partition("=")
+        if not (name and var and sep):
+            raise SystemExit(f"--env takes NAME=VAR=VALUE, got {item!r}")
+        envs.setdefault(name, {})[var] = value
+    run(_pairs(a.version, "version"), _pairs(a.setup, "setup"), a.rounds, a.out, script, envs)
 
 
 if __name__ == "__main__":

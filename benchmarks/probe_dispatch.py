@@ -23,7 +23,17 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 - ``lengths``: one chunk at lengths 10 to 2,000 steps, launched on an idle device: host
   launch time and time to result (slope: device time per step; intercept: fixed cost);
 - ``host-trace``: ``jax.profiler``'s host and device events over 20 launches of a 10-step
-  chunk, per launch: what the host does to launch one.
+  chunk, per launch: what the host does to launch one;
+- ``stamps``: ``run()``'s loop rebuilt here with the host's clock read at each chunk's
+  launch (its queuing, the worker's launch done) and settling, alternating with ``run()``
+  itself and with chunks chained by hand: when each chunk's result reaches the host;
+- ``copies``: what ``run()`` adds to chunks chained by hand, one piece at a time: the
+  flags copied to the host after each chunk, every field ``run`` copies, each chunk waited
+  for one chunk behind (``run``'s queue), the launcher thread, then ``run()`` itself;
+  alternating, medians;
+- ``timeline``: ``jax.profiler``'s device events of one ``run()`` of ``--steps`` in chunks of
+  ``--chunk``: when the device starts and stops within the run, its idle time, the largest
+  idle gaps with the kernels either side, and the time between the big kernels' launches.
 
     python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
 """
@@ -39,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _nve import LJ, batch_of
-from _report import median_seconds, traced_events
+from _report import header, median_seconds, traced_events
 from peers import nve_inputs
 from nvalchemi_jax.dynamics import NVE, persistent
 from nvalchemi_jax.dynamics.run import CHUNK_COMPILER_OPTIONS, chunk_steps, fused_paths, run_chunk
@@ -275,7 +285,7 @@ def host_trace(md, batch, state, path, launches=20, top=40):
     if not events:
         raise RuntimeError("jax.profiler wrote no Perfetto trace")
     total, count = defaultdict(float), defaultdict(int)
-    for process, name, us in events:
+    for process, name, us, _ in events:
         key = ("device" if "/device:" in process else "host", name[:100])
         total[key] += us
         count[key] += 1
@@ -287,8 +297,168 @@ def host_trace(md, batch, state, path, launches=20, top=40):
     return {"launch_us_median": 1e6 * float(np.median(launch)), "events": rows}
 
 
+def stamps(md, batch, state, path, steps=1000, chunk=100, rounds=6):
+    from nvalchemi_jax.dynamics.run import dispatch
+
+    def loop():
+        """run()'s loop without its overflow and early-end branches (neither happens here)."""
+        t0 = time.perf_counter()
+        marks = {"queued": [], "launched": [], "settled": []}
+        pending, planned, current = [], 0, state
+        while True:
+            while len(pending) <= 1 and planned < steps:
+                limit = min(chunk, steps - planned)
+                c = dispatch(md, pending[-1] if pending else current, batch, limit, chunk, **path)
+                c.launched.add_done_callback(lambda _: marks["launched"].append(time.perf_counter() - t0))
+                marks["queued"].append(time.perf_counter() - t0)
+                pending.append(c)
+                planned += limit
+            if not pending:
+                break
+            c = pending.pop(0)
+            c.settle()
+            marks["settled"].append(time.perf_counter() - t0)
+            current = c.state
+        np.asarray(current.status), int(current.global_step)
+        marks["end"] = time.perf_counter() - t0
+        return current, marks
+
+    def by_hand():
+        s = state
+        for _ in range(steps // chunk):
+            s, _ = run_chunk(md, s, batch, chunk, length=chunk, **path)
+        return s
+
+    jax.block_until_ready(loop()[0])
+    jax.block_until_ready(by_hand())
+    times = {"run": [], "loop": [], "by_hand": []}
+    kept = []
+    for r in range(rounds):
+        for name in (list(times) if r % 2 == 0 else list(times)[::-1]):
+            t0 = time.perf_counter()
+            if name == "run":
+                jax.block_until_ready(md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state)
+            elif name == "loop":
+                s, marks = loop()
+                jax.block_until_ready(s)
+                kept.append(marks)
+            else:
+                jax.block_until_ready(by_hand())
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = lambda v: [round(1e3 * x, 3) for x in v]
+    out = {"steps": steps, "chunk": chunk,
+           **{name: {"ms": [round(t, 2) for t in v], "median_ms": float(np.median(v))} for name, v in times.items()},
+           "marks_ms": [{k: (ms(v) if isinstance(v, list) else round(1e3 * v, 3)) for k, v in m.items()}
+                        for m in kept]}
+    print(json.dumps({k: (v["median_ms"] if isinstance(v, dict) else v) for k, v in out.items()
+                      if k != "marks_ms"}), flush=True)
+    for m in out["marks_ms"][:2]:
+        print(json.dumps(m), flush=True)
+    return out
+
+
+def copies(md, batch, state, path, steps=1000, chunk=100, rounds=8):
+    from nvalchemi_jax.dynamics.run import dispatch
+
+    n = steps // chunk
+
+    def by_hand(copy=None, settle=False):
+        s, waiting = state, []
+        for _ in range(n):
+            s, (buffers, flags) = run_chunk(md, s, batch, chunk, length=chunk, **path)
+            if copy == "flags":
+                flags.copy_to_host_async()
+            elif copy == "all":
+                for leaf in jax.tree.leaves((buffers, flags, s.status, s.failure, s.global_step)):
+                    leaf.copy_to_host_async()
+            if settle:
+                waiting.append(flags)
+                if len(waiting) > 1:
+                    np.asarray(waiting.pop(0))
+        return s
+
+    def worker():
+        pending = [dispatch(md, state, batch, chunk, chunk, **path)]
+        for k in range(n):
+            if k + 1 < n:
+                pending.append(dispatch(md, pending[-1], batch, chunk, chunk, **path))
+            current = pending.pop(0)
+            current.settle()
+        return current.state
+
+    variants = {"hand": lambda: by_hand(), "hand_flags": lambda: by_hand("flags"),
+                "hand_all": lambda: by_hand("all"), "hand_all_settled": lambda: by_hand("all", True),
+                "worker_settled": worker,
+                "run": lambda: md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state}
+    for f in variants.values():
+        jax.block_until_ready(f())
+    times = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            t0 = time.perf_counter()
+            jax.block_until_ready(variants[name]())
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {"steps": steps, "chunk": chunk,
+           **{name: {"ms": [round(t, 3) for t in v], "median_ms": float(np.median(v))} for name, v in times.items()}}
+    print(json.dumps({k: (round(v["median_ms"], 3) if isinstance(v, dict) else v) for k, v in out.items()}),
+          flush=True)
+    return out
+
+
+def timeline(md, batch, state, path, steps=1000, chunk=100, top=25):
+    """One ``run()`` under ``jax.profiler``: the device's kernels placed on the host's clock."""
+    from collections import defaultdict
+
+    for _ in range(2):
+        jax.block_until_ready(md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state)
+
+    def one_run():
+        with jax.profiler.TraceAnnotation("timeline_run"):
+            return md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state
+
+    events = traced_events(one_run)
+    runs = [(ts, us) for process, name, us, ts in events if name == "timeline_run"]
+    if not runs:
+        raise RuntimeError("jax.profiler wrote no trace of the run")
+    t0, span = runs[0]
+    device = sorted((ts, ts + us, name) for process, name, us, ts in events
+                    if "/device:" in process and ts + us >= t0)
+    if not device:
+        raise RuntimeError("the trace holds no device events (timeline needs a GPU)")
+    busy, gaps, end, last = 0.0, [], None, None
+    for start, stop, name in device:
+        if end is None:
+            end, last = start, name
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop >= end:
+            end, last = stop, name
+    pairs = defaultdict(lambda: [0.0, 0])
+    for gap, before, after in gaps:
+        pairs[before[:60], after[:60]][0] += gap
+        pairs[before[:60], after[:60]][1] += 1
+    ranked = sorted(pairs.items(), key=lambda kv: kv[1][0], reverse=True)[:top]
+    kernels = defaultdict(float)
+    for start, stop, name in device:
+        kernels[name] += stop - start
+    big = max(kernels, key=kernels.get)
+    starts = [start for start, _, name in device if name == big]
+    out = {"steps": steps, "chunk": chunk, "run_us": span, "device_first_after_us": device[0][0] - t0,
+           "device_last_before_end_us": t0 + span - end, "device_span_us": end - device[0][0],
+           "device_busy_us": busy, "device_idle_us": sum(g for g, _, _ in gaps), "kernels": len(device),
+           "big_kernel": big[:90], "big_kernel_us": kernels[big], "big_kernel_launches": len(starts),
+           "between_big_kernels_us": [round(b - a, 1) for a, b in zip(starts, starts[1:])],
+           "gaps": [{"us": round(v[0], 1), "count": v[1], "before": k[0], "after": k[1]} for k, v in ranked]}
+    print(json.dumps({k: v for k, v in out.items() if k != "gaps"}), flush=True)
+    for row in out["gaps"]:
+        print(json.dumps(row), flush=True)
+    return out
+
+
 MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces,
-         "queue-ab": queue_ab, "profile": profile, "lengths": lengths, "host-trace": host_trace}
+         "queue-ab": queue_ab, "profile": profile, "lengths": lengths, "host-trace": host_trace, "timeline": timeline,
+         "stamps": stamps, "copies": copies}
 
 
 def main(argv=None):
@@ -297,8 +467,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="FCC cells per edge (20: 32,000 atoms)")
     p.add_argument("--count", type=int, default=1, help="crystals (W1: --count 1 --repeats 4 --skin 1)")
     p.add_argument("--skin", type=float, default=1.3)
-    p.add_argument("--steps", type=int, default=1000, help="queue-ab: steps per run")
-    p.add_argument("--chunk", type=int, default=100, help="queue-ab: steps per chunk")
+    p.add_argument("--steps", type=int, default=1000, help="queue-ab, timeline, stamps, copies: steps per run")
+    p.add_argument("--chunk", type=int, default=100, help="queue-ab, timeline, stamps, copies: steps per chunk")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batch = batch_of(*nve_inputs(args.count, args.repeats))
@@ -306,10 +476,9 @@ def main(argv=None):
     state = md.run(batch, max_steps=100, chunk_size=100).state
     jax.block_until_ready(state)
     path = fused_paths(md, batch)
-    row = {"date": time.strftime("%F"), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-           "probe": args.mode, "atoms": int(batch.num_atoms), "systems": args.count, "skin": args.skin,
+    row = {**header(), "probe": args.mode, "atoms": int(batch.num_atoms), "systems": args.count, "skin": args.skin,
            "path": {k: int(v) for k, v in path.items()}}
-    extra = dict(steps=args.steps, chunk=args.chunk) if args.mode == "queue-ab" else {}
+    extra = dict(steps=args.steps, chunk=args.chunk) if args.mode in ("queue-ab", "timeline", "stamps", "copies") else {}
     row.update(MODES[args.mode](md, batch, state, path, **extra))
     print(json.dumps(row))
     if args.out:
