@@ -175,6 +175,8 @@ def test_a_persistent_kernel_whose_barrier_ran_out_fails_the_running_systems(x64
         np.testing.assert_array_equal(np.asarray(getattr(end, name))[lost], 0.0, err_msg=name)
         np.testing.assert_array_equal(np.asarray(getattr(end, name))[~lost],
                                       np.asarray(getattr(state, name))[~lost], err_msg=name)
+    # The list is rebuilt before it is used again (whatever positions it was built for).
+    assert np.asarray(end.neighbors.stale)[np.asarray(batch.system_mask)].all()
 
 
 def test_a_rebuild_at_every_step_and_a_failure_in_one_chunk(x64, kernels):

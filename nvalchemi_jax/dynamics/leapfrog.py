@@ -150,7 +150,11 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
                           previous_energy=previous, status=status, failure=failure, neighbors=nl,
                           step=state.step + count)
     if stuck is not None:
-        lost = _barrier_lost(start, batch, planned)
+        # The list stays the chunk's own, marked stale (rebuilt at its next update), rather
+        # than selected back from the start's: a select of every entry cost ~25 µs a chunk
+        # (H200, 32,000 atoms, results/profile_step_persistent_h200_2026-11-30_hlo.jsonl).
+        lost = _barrier_lost(start, batch, planned).replace(
+            neighbors=neighbors.mark_stale(state.neighbors, batch.system_mask))
         state = jax.tree.map(lambda a, b: jnp.where(stuck, a, b), lost, state)
         count = jnp.where(stuck, 0, count)
     state, _ = dyn._converge(state, batch, active)
@@ -270,8 +274,9 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
 def _barrier_lost(start, batch, count):
     """The chunk's outcome when the persistent kernel's barrier ran out: its programs may
     have stopped at different steps, so nothing in the rings can be trusted. The whole batch
-    goes back to the chunk's ``start`` (list included); the systems that were to run
-    (``count > 0``) fail as the engine fails one (velocities and forces zeroed)."""
+    goes back to the chunk's ``start`` (:func:`steps` then keeps the chunk's neighbor list,
+    marked stale); the systems that were to run (``count > 0``) fail as the engine fails one
+    (velocities and forces zeroed)."""
     running = (count > 0) & (start.status != status_codes.FAILED)
     atoms = gather_systems(running, batch.system_index, False)[:, None]
     lost = start.replace(status=jnp.where(running, status_codes.FAILED, start.status),
