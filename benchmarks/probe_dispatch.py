@@ -34,6 +34,8 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 - ``timeline``: ``jax.profiler``'s device events of one ``run()`` of ``--steps`` in chunks of
   ``--chunk``: when the device starts and stops within the run, its idle time, the largest
   idle gaps with the kernels either side, and the time between the big kernels' launches.
+  The profiler slows launches of graphs with many nodes (W2 at 32,000 atoms: 126 ms traced
+  against 33 ms), so read its proportions, not its times.
 
     python benchmarks/probe_dispatch.py variants --repeats 20 --out results/probe_dispatch.jsonl
 """
