@@ -118,7 +118,11 @@ def main(argv=None):
         if not (name and var and sep):
             raise SystemExit(f"--env takes NAME=VAR=VALUE, got {item!r}")
         envs.setdefault(name, {})[var] = value
-    run(_pairs(a.version, "version"), _pairs(a.setup, "setup"), a.rounds, a.out, script, envs)
+    versions, setups = _pairs(a.version, "version"), _pairs(a.setup, "setup")
+    unknown = (set(setups) | set(envs)) - set(versions)
+    if unknown:
+        raise SystemExit(f"--setup / --env name versions that --version does not: {sorted(unknown)}")
+    run(versions, setups, a.rounds, a.out, script, envs)
 
 
 if __name__ == "__main__":

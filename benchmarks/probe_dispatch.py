@@ -13,11 +13,12 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 - ``sync-first``: ``run()`` alone against ``run()`` preceded by a host test of whether any
   system runs (what ``run`` did before its first chunk until 2026-11-29), alternating;
 - ``pieces``: where ``run()``'s time beyond its chunks goes: chained chunks launched from
-  this thread, then through ``dispatch`` (the launcher thread), then waited for chunk by
-  chunk as ``run`` does, then ``run()`` itself; 10 x 100 and 1 x 1,000 steps;
+  this thread, then from the launcher thread, then through ``dispatch`` and waited for
+  chunk by chunk as ``run`` does, then ``run()`` itself; 10 x 100 and 1 x 1,000 steps;
 - ``queue-ab``: ``run()`` of ``--steps`` in chunks of ``--chunk`` as it was before
-  2026-11-29 (result fields fetched one by one at the end), with the result fields copied
-  as each chunk ends, and with 2 and 3 chunks queued ahead; alternating, in one process;
+  2026-11-29 (result fields fetched one by one at the end, every launch from the launcher
+  thread), as it is (the result fields copied as each chunk ends), and with 2 and 3 chunks
+  queued ahead; alternating, in one process;
 - ``profile``: ``cProfile`` of ten ``run()`` calls (10 x 100 steps): the host functions
   that take its time, waits included;
 - ``lengths``: one chunk at lengths 10 to 2,000 steps, launched on an idle device: host
@@ -25,11 +26,12 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 - ``host-trace``: ``jax.profiler``'s host and device events over 20 launches of a 10-step
   chunk, per launch: what the host does to launch one;
 - ``stamps``: ``run()``'s loop rebuilt here with the host's clock read at each chunk's
-  launch (its queuing, the worker's launch done) and settling, alternating with ``run()``
+  launch (its queuing, its launch done) and settling, alternating with ``run()``
   itself and with chunks chained by hand: when each chunk's result reaches the host;
 - ``copies``: what ``run()`` adds to chunks chained by hand, one piece at a time: the
   flags copied to the host after each chunk, every field ``run`` copies, each chunk waited
-  for one chunk behind (``run``'s queue), the launcher thread, then ``run()`` itself;
+  for one chunk behind (``run``'s queue), the launcher thread (every chunk launched from
+  it, as ``run`` did until 2026-11-30), then ``run()`` itself;
   alternating, medians;
 - ``timeline``: ``jax.profiler``'s device events of one ``run()`` of ``--steps`` in chunks of
   ``--chunk``: when the device starts and stops within the run, its idle time, the largest
@@ -43,6 +45,7 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -63,6 +66,22 @@ STATICS = ("length", "resident", "fused", "parts", "grid")
 def timed(f, n=5):
     """Median wall time of ``f()`` in µs, waited for (after one untimed call)."""
     return median_seconds(f, repeat=n) * 1e6
+
+
+def on_worker(dyn, state, batch, limit, length, prepare=None, fields=True, **statics):
+    """``run.dispatch`` as it launched every chunk until 2026-11-30 (session 17): from the
+    launcher thread, whatever the path. ``fields``: the state's status, failures and step
+    copied to the host too (since session 16), else the records and flags only."""
+    from nvalchemi_jax.dynamics import run as run_module
+
+    def launch():
+        start = state.state if isinstance(state, run_module.Chunk) else state
+        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, **statics)
+        copied = (buffers, flags, new.status, new.failure, new.global_step) if fields else (buffers, flags)
+        for leaf in jax.tree.leaves(copied):
+            leaf.copy_to_host_async()
+        return start, new, buffers, flags
+    return run_module.Chunk(run_module._LAUNCHER.submit(run_module._in_callers_settings(launch)), limit)
 
 
 def overhead(md, batch, state, path):
@@ -156,7 +175,7 @@ def pieces(md, batch, state, path):
     def launcher(k, n):
         s = state
         for _ in range(k):
-            s = dispatch(md, s, batch, n, n, **path)
+            s = on_worker(md, s, batch, n, n, **path)
         return s.state
 
     def settled(k, n):         # run()'s loop: queue chunk i + 1, then settle chunk i
@@ -184,15 +203,7 @@ def queue_ab(md, batch, state, path, steps=1000, chunk=100, rounds=8):
     from nvalchemi_jax.dynamics import run as run_module
 
     new_dispatch = run_module.dispatch
-
-    def old_dispatch(dyn, state, batch, limit, length, prepare=None, **statics):
-        def launch():     # the launch before 2026-11-29 (session 15): records and flags only
-            start = state.state if isinstance(state, run_module.Chunk) else state
-            new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, **statics)
-            for leaf in jax.tree.leaves((buffers, flags)):
-                leaf.copy_to_host_async()
-            return start, new, buffers, flags
-        return run_module.Chunk(run_module._LAUNCHER.submit(run_module._in_callers_settings(launch)), limit)
+    old_dispatch = functools.partial(on_worker, fields=False)   # the launch before 2026-11-29
 
     variants = {"before": (1, old_dispatch), "copies": (1, new_dispatch),
                 "queued2": (2, new_dispatch), "queued3": (3, new_dispatch)}
@@ -360,8 +371,6 @@ def stamps(md, batch, state, path, steps=1000, chunk=100, rounds=6):
 
 
 def copies(md, batch, state, path, steps=1000, chunk=100, rounds=8):
-    from nvalchemi_jax.dynamics.run import dispatch
-
     n = steps // chunk
 
     def by_hand(copy=None, settle=False):
@@ -380,10 +389,10 @@ def copies(md, batch, state, path, steps=1000, chunk=100, rounds=8):
         return s
 
     def worker():
-        pending = [dispatch(md, state, batch, chunk, chunk, **path)]
+        pending = [on_worker(md, state, batch, chunk, chunk, **path)]
         for k in range(n):
             if k + 1 < n:
-                pending.append(dispatch(md, pending[-1], batch, chunk, chunk, **path))
+                pending.append(on_worker(md, pending[-1], batch, chunk, chunk, **path))
             current = pending.pop(0)
             current.settle()
         return current.state

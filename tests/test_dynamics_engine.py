@@ -306,3 +306,38 @@ def test_overflow_drops_the_queued_chunk_and_keeps_records_in_order(x64, monkeyp
     energies = np.concatenate([e for _, e, _ in seen])
     np.testing.assert_allclose(energies, np.concatenate([e for _, e, _ in seen_ref]), rtol=1e-12)
     np.testing.assert_allclose(result.state.positions, out.state.positions, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["engine-worker-thread", "leapfrog-inline"])
+def test_a_settled_chunks_start_is_freed_before_the_next_launch(monkeypatch, fused):
+    """The run loop holds no state longer than it needs: when chunk k launches, the starts of
+    chunks 1 .. k - 2 are gone (chunk k - 1's start is the state it waits on; chunk 0's is
+    the caller's). One state more would cost its memory on the device at every launch.
+    Both launchers: the engine's chunks from the worker thread, NVE in leapfrog form from
+    the caller's."""
+    import weakref
+
+    if fused:
+        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "pallas")
+        monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT", "0")
+        monkeypatch.setenv("NVALCHEMI_JAX_PERSISTENT", "0")
+        monkeypatch.delenv("NVALCHEMI_JAX_LEAPFROG", raising=False)
+    else:
+        monkeypatch.setenv("NVALCHEMI_JAX_KERNELS", "xla")
+
+    starts, alive_at_launch = [], []
+    original = run_module.run_chunk
+
+    def spy(dyn, state, *args, **kwargs):
+        alive_at_launch.append([ref() is not None for ref in starts])
+        starts.append(weakref.ref(state))
+        return original(dyn, state, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_chunk", spy)
+    batch = argon_batch(repeats=[(2, 2, 2)], temperature=30.0)
+    md = NVE(model=LJ, dt=2.0, n_steps=60)
+    assert run_module.fused_paths(md, batch)["fused"] == fused
+    result = md.run(batch, state=md.init(batch), chunk_size=10)
+    assert result.chunks == 6 and len(alive_at_launch) == 6
+    for k, alive in enumerate(alive_at_launch):
+        assert not any(alive[1:k - 1]), (k, alive)

@@ -8,7 +8,9 @@ overflowed its neighbor list is simply dropped and redone after regrowth.
 The engine's chunks are launched from a worker thread: should a launch block (a GPU
 conditional that XLA could not record into a CUDA graph reads its predicate on the host,
 see ``CHUNK_COMPILER_OPTIONS``), that wait overlaps the caller's host work. The fused NVE
-chunks never wait on the device, and launch from the caller's thread (see :func:`dispatch`).
+chunks keep their conditionals in the CUDA graph (with ``CHUNK_COMPILER_OPTIONS`` and XLA's
+command buffers on, as by default), so their launches do not wait on the device, and they
+launch from the caller's thread (see :func:`dispatch`).
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ class Chunk:
 
 def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
              fused: bool = False, parts: int = 0, grid: int = 0) -> Chunk:
-    """Queue one chunk (returns at once; launched from the worker thread). ``state`` may be
+    """Queue one chunk: the engine's return at once (launched from the worker thread), the
+    fused NVE paths' once launched from this thread (``resident`` or ``fused``). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records (and of the state's status,
     failures and step) to the host are queued too, ahead of any later chunk, so that handing
@@ -211,7 +214,7 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
         # These chunks read nothing back during their launch, so the worker would save no
         # wait, and handing each launch over to it cost more than it saved (H200, 1,000
         # steps, medians of 8 alternating runs, results/probe_dispatch_h200_2026-11-30_copies:
-        # W1 1 x 256 6.33 -> 5.54 ms, W2 32,000 atoms 32.7 -> 31.6 ms, chunks chained by hand
+        # W1 1 x 256 6.32 -> 5.54 ms, W2 32,000 atoms 32.7 -> 31.6 ms, chunks chained by hand
         # with the same copies and waits against the worker's).
         launched = concurrent.futures.Future()
         try:
@@ -286,6 +289,9 @@ def run_loop(dyn, batch, state=None, key=None, max_steps=None, chunk_size=100, p
         # assuming the ones before it take all their steps; `planned` counts those steps.
         pending, planned = collections.deque(), 0
         while True:
+            # The chunk settled last is let go first: it holds its start, a whole state on the
+            # device, which the launches below would otherwise allocate on top of.
+            current = None
             while len(pending) <= QUEUED_AHEAD and planned < max_steps:
                 limit = min(chunk_size, max_steps - planned)
                 pending.append(dispatch(dyn, pending[-1] if pending else state, batch, limit,
