@@ -204,8 +204,8 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     """The chunk's indices ``0 .. trips - 1`` as :func:`steps`' scan takes them, in calls of
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
-    index i, index i is taken by ``advance`` (the engine's failure handling), then the
-    kernel goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`),
+    index i, the chunk ends there: index i is taken by ``advance`` (the engine's failure
+    handling) as the chunk's last (``end_early``), and the run loop goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`),
     and the chunk's last index (``trips - 1``, or earlier when its segments ran out: then
     each system's ``count`` is cut to it, see ``end_early``)."""
     x4, v, f, e, e_prev, count, status, failure = out
@@ -245,8 +245,10 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
         return (i < trips) & (code != persistent.STUCK)
 
     def maybe_segment(carry, _):
-        branch = jnp.where(go_on(carry), jnp.where(carry[7] == persistent.NONFINITE, 2, 1), 0)
-        return jax.lax.switch(branch, (lambda c: c, run_kernel, one_step), carry), None
+        # A non-finite step ends the chunk (``end_early`` takes it with the engine's failure
+        # handling), so the segments' graph holds the kernel and the rebuild only.
+        branch = (go_on(carry) & (carry[7] != persistent.NONFINITE)).astype(jnp.int32)
+        return jax.lax.switch(branch, (lambda c: c, run_kernel), carry), None
 
     def end_early(carry):
         """Index i as the chunk's last: the systems still moving take no step past it
