@@ -45,7 +45,6 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
@@ -66,22 +65,6 @@ STATICS = ("length", "resident", "fused", "parts", "grid")
 def timed(f, n=5):
     """Median wall time of ``f()`` in µs, waited for (after one untimed call)."""
     return median_seconds(f, repeat=n) * 1e6
-
-
-def on_worker(dyn, state, batch, limit, length, prepare=None, fields=True, **statics):
-    """``run.dispatch`` as it launched every chunk until 2026-11-30 (session 17): from the
-    launcher thread, whatever the path. ``fields``: the state's status, failures and step
-    copied to the host too (since session 16), else the records and flags only."""
-    from nvalchemi_jax.dynamics import run as run_module
-
-    def launch():
-        start = state.state if isinstance(state, run_module.Chunk) else state
-        new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, **statics)
-        copied = (buffers, flags, new.status, new.failure, new.global_step) if fields else (buffers, flags)
-        for leaf in jax.tree.leaves(copied):
-            leaf.copy_to_host_async()
-        return start, new, buffers, flags
-    return run_module.Chunk(run_module._LAUNCHER.submit(run_module._in_callers_settings(launch)), limit)
 
 
 def overhead(md, batch, state, path):
@@ -175,7 +158,7 @@ def pieces(md, batch, state, path):
     def launcher(k, n):
         s = state
         for _ in range(k):
-            s = on_worker(md, s, batch, n, n, **path)
+            s = dispatch(md, s, batch, n, n, worker=True, **path)
         return s.state
 
     def settled(k, n):         # run()'s loop: queue chunk i + 1, then settle chunk i
@@ -203,7 +186,15 @@ def queue_ab(md, batch, state, path, steps=1000, chunk=100, rounds=8):
     from nvalchemi_jax.dynamics import run as run_module
 
     new_dispatch = run_module.dispatch
-    old_dispatch = functools.partial(on_worker, fields=False)   # the launch before 2026-11-29
+
+    def old_dispatch(dyn, state, batch, limit, length, prepare=None, **statics):
+        def launch():     # the launch before 2026-11-29 (session 15): records and flags only
+            start = state.state if isinstance(state, run_module.Chunk) else state
+            new, (buffers, flags) = run_chunk(dyn, start, batch, limit, length=length, **statics)
+            for leaf in jax.tree.leaves((buffers, flags)):
+                leaf.copy_to_host_async()
+            return start, new, buffers, flags
+        return run_module.Chunk(run_module._LAUNCHER.submit(run_module._in_callers_settings(launch)), limit)
 
     variants = {"before": (1, old_dispatch), "copies": (1, new_dispatch),
                 "queued2": (2, new_dispatch), "queued3": (3, new_dispatch)}
@@ -371,6 +362,8 @@ def stamps(md, batch, state, path, steps=1000, chunk=100, rounds=6):
 
 
 def copies(md, batch, state, path, steps=1000, chunk=100, rounds=8):
+    from nvalchemi_jax.dynamics.run import dispatch
+
     n = steps // chunk
 
     def by_hand(copy=None, settle=False):
@@ -389,10 +382,10 @@ def copies(md, batch, state, path, steps=1000, chunk=100, rounds=8):
         return s
 
     def worker():
-        pending = [on_worker(md, state, batch, chunk, chunk, **path)]
+        pending = [dispatch(md, state, batch, chunk, chunk, worker=True, **path)]
         for k in range(n):
             if k + 1 < n:
-                pending.append(on_worker(md, pending[-1], batch, chunk, chunk, **path))
+                pending.append(dispatch(md, pending[-1], batch, chunk, chunk, worker=True, **path))
             current = pending.pop(0)
             current.settle()
         return current.state

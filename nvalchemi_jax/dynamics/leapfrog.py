@@ -153,8 +153,7 @@ def steps(dyn, state, batch: Batch, limit, length: int, grid: int = 0):
         # The list stays the chunk's own, marked stale (rebuilt at its next update), rather
         # than selected back from the start's: a select of every entry cost ~25 µs a chunk
         # (H200, 32,000 atoms, results/profile_step_persistent_h200_2026-11-30_hlo.jsonl).
-        lost = _barrier_lost(start, batch, planned).replace(
-            neighbors=neighbors.mark_stale(state.neighbors, batch.system_mask))
+        lost = _barrier_lost(start, batch, planned, state.neighbors)
         state = jax.tree.map(lambda a, b: jnp.where(stuck, a, b), lost, state)
         count = jnp.where(stuck, 0, count)
     state, _ = dyn._converge(state, batch, active)
@@ -205,8 +204,8 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     the persistent kernel (:mod:`~nvalchemi_jax.dynamics.persistent`): after a call that
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
     index i, the chunk ends there: index i is taken by ``advance`` (the engine's failure
-    handling) as the chunk's last (``end_early``), and the run loop goes on. Also returns whether the kernel's barrier ran out (see :func:`_barrier_lost`),
-    and the chunk's last index (``trips - 1``, or earlier when its segments ran out: then
+    handling) as the chunk's last (``end_early``), and the run loop goes on. Also returns
+    whether the kernel's barrier ran out (see :func:`_barrier_lost`), and the chunk's last index (``trips - 1``, or earlier when its segments ran out: then
     each system's ``count`` is cut to it, see ``end_early``)."""
     x4, v, f, e, e_prev, count, status, failure = out
     n = x4.shape[0]
@@ -273,15 +272,16 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     return out, nl, code == persistent.STUCK, last
 
 
-def _barrier_lost(start, batch, count):
+def _barrier_lost(start, batch, count, nl):
     """The chunk's outcome when the persistent kernel's barrier ran out: its programs may
     have stopped at different steps, so nothing in the rings can be trusted. The whole batch
-    goes back to the chunk's ``start`` (:func:`steps` then keeps the chunk's neighbor list,
-    marked stale); the systems that were to run (``count > 0``) fail as the engine fails one
-    (velocities and forces zeroed)."""
+    goes back to the chunk's ``start`` but keeps the chunk's list ``nl``, marked stale (the
+    next update rebuilds it); the systems that were to run (``count > 0``) fail as the
+    engine fails one (velocities and forces zeroed)."""
     running = (count > 0) & (start.status != status_codes.FAILED)
     atoms = gather_systems(running, batch.system_index, False)[:, None]
-    lost = start.replace(status=jnp.where(running, status_codes.FAILED, start.status),
+    lost = start.replace(neighbors=neighbors.mark_stale(nl, batch.system_mask),
+                         status=jnp.where(running, status_codes.FAILED, start.status),
                          failure=jnp.where(running, int(status_codes.Failure.KERNEL_BARRIER), start.failure),
                          velocities=jnp.where(atoms, 0.0, start.velocities),
                          forces=jnp.where(atoms, 0.0, start.forces))

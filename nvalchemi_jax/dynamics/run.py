@@ -190,9 +190,10 @@ class Chunk:
 
 
 def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident: int = 0,
-             fused: bool = False, parts: int = 0, grid: int = 0) -> Chunk:
+             fused: bool = False, parts: int = 0, grid: int = 0, worker: bool | None = None) -> Chunk:
     """Queue one chunk: the engine's return at once (launched from the worker thread), the
-    fused NVE paths' once launched from this thread (``resident`` or ``fused``). ``state`` may be
+    fused NVE paths' once launched from this thread (``resident`` or ``fused``; ``worker``
+    overrides the choice, for timing probes). ``state`` may be
     an earlier :class:`Chunk` (its result), and ``prepare(state) -> state`` (a jitted refill)
     runs first in the same launch. The copies of the records (and of the state's status,
     failures and step) to the host are queued too, ahead of any later chunk, so that handing
@@ -210,8 +211,10 @@ def dispatch(dyn, state, batch, limit: int, length: int, prepare=None, resident:
             leaf.copy_to_host_async()
         return start, new, buffers, flags
 
-    if resident or fused:
-        # These chunks read nothing back during their launch, so the worker would save no
+    if worker is None:
+        worker = not (resident or fused)
+    if not worker:
+        # The fused chunks read nothing back during their launch, so the worker would save no
         # wait, and handing each launch over to it cost more than it saved (H200, 1,000
         # steps, medians of 8 alternating runs, results/probe_dispatch_h200_2026-11-30_copies:
         # W1 1 x 256 6.32 -> 5.54 ms, W2 32,000 atoms 32.7 -> 31.6 ms, chunks chained by hand
