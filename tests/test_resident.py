@@ -61,11 +61,15 @@ def test_matches_engine_on_a_mixed_batch(x64, kernels):
                                   np.asarray(batch.positions)[pinned])
 
 
-def test_split_kernel_matches_engine(x64, kernels):
+@pytest.mark.parametrize("whole", [False, True], ids=["walked", "one-tile"])
+def test_split_kernel_matches_engine(x64, kernels, whole):
     """The kernel that splits a system over several programs (for few systems on a GPU),
     with one part, as Pallas' interpreter runs it (its barrier needs the programs to run
-    at once; the GPU check is benchmarks/check_kernels.py): the same states as the engine."""
+    at once; the GPU check is benchmarks/check_kernels.py): the same states as the engine,
+    with the program's partners walked through memory and taken in one tile."""
     kernels.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "1")
+    kernels.setattr(resident, "WHOLE_TILE", 1 << 20 if whole else 0)
+    jax.clear_caches()          # the chunk's jitted program reads WHOLE_TILE when traced
     batch = mixed_batch()
     model = LennardJones(**SHORT, shift=True, species=None)
     batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))

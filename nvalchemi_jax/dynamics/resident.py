@@ -58,6 +58,10 @@ MIN_WIDTH = 32
 SPLIT_ROWS = 8
 SPLIT_COLS = 32
 SPLIT_WARPS = 4
+#: A split program whose rows x atoms pairs number at most this many takes them in one
+#: tile, its partners straight from the positions it integrates (registers), instead of
+#: walking them from memory: the walk waits on a memory round trip per block of columns.
+WHOLE_TILE = 2048
 
 
 def enabled() -> bool:
@@ -350,7 +354,8 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
     names, flat, is_table, cell, inverse, interpret, extra = _inputs(params, num_species, cell, dtype,
                                                                      interpret)
     cols = min(SPLIT_COLS if width // parts <= 16 else COLS, width)
-    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, term=term,
+    whole = (width // parts) * width <= WHOLE_TILE
+    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, whole=whole, term=term,
                                names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
                                num_species=num_species, dtype=dtype, interpret=interpret)
     n = x.shape[0]
@@ -372,8 +377,8 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
 
 
 def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, count_ref, e_ref,
-                  counter_in, *refs, width, parts, cols, term, names, is_table, rc2, num_species, dtype,
-                  interpret):
+                  counter_in, *refs, width, parts, cols, whole, term, names, is_table, rc2, num_species,
+                  dtype, interpret):
     """:func:`_kernel` for few systems: program ``p`` of a system evaluates the forces on its
     ``width / parts`` rows against every atom, writes them to a shared buffer, and waits at a
     barrier for the system's other programs (:func:`~nvalchemi_jax._pallas.barrier`, which
@@ -419,6 +424,19 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         return _pair_block(acc, atoms, partners, x_i, s_i, kind_i, x_j, s_j, kind_j, cell, rc2, term,
                            scalars, tables, num_species)
 
+    pick = lanes[None, :] == atoms[:, None]          # (rows, width): this program's rows
+
+    def pairs(x, frac):
+        """All of this program's pairs at once: every atom's position is in registers, and
+        its rows are picked out of them (a sum with one term: exact)."""
+        x_j = [x[a][None, :] for a in range(3)]
+        s_j = [frac[a][None, :] for a in range(3)]
+        row = lambda col: jnp.sum(jnp.where(pick, col, 0.0), axis=1)[:, None]
+        x_i, s_i = [row(c) for c in x_j], [row(c) for c in s_j]
+        zero = jnp.zeros((rows, width), dtype)
+        return _pair_block((zero,) * 4, atoms, lanes, x_i, s_i, kind_i, x_j, s_j, kind[None, :], cell,
+                           rc2, term, scalars, tables, num_species)
+
     def arrive_and_wait(t, stuck):
         """The system's barrier of step ``t``: True if it gave up waiting (now or before:
         then it no longer waits, and its results are NaN, see below)."""
@@ -431,12 +449,15 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
         x = [x[a] + dt * v[a] for a in range(3)]
         frac = _fractional(x, inverse)
-        for a in range(3):
-            put(xs_ref, own + a * width + lanes, x[a])
-            put(ss_ref, own + a * width + lanes, frac[a])
-        barrier()
-        zero = jnp.zeros((rows, cols), dtype)
-        acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
+        if whole:
+            acc = pairs(x, frac)
+        else:
+            for a in range(3):
+                put(xs_ref, own + a * width + lanes, x[a])
+                put(ss_ref, own + a * width + lanes, frac[a])
+            barrier()
+            zero = jnp.zeros((rows, cols), dtype)
+            acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
         half = (system * 2 + (t & 1)) * 3 * width
         for a in range(3):
             put(fx_ref, half + a * width + atoms, jnp.where(mobile_i, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0))
