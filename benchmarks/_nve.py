@@ -66,12 +66,20 @@ def ours(positions, cell, velocities, steps, chunk, skin, timings=1):
             "path": path(md, batch),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
             "resident_parts": fused_paths(md, batch)["parts"],
-            "split_tile": f"{resident.SPLIT_ROWS}x{resident.SPLIT_COLS}x{resident.SPLIT_WARPS}",
+            "split_tile": split_tile(md, batch),
             "persistent_grid": fused_paths(md, batch)["grid"],
             "persistent_tile": (f"{persistent.ROWS}x{persistent.COLS}x{persistent.WARPS}"
                                 f"x{persistent.ATOMS}x{persistent.PER_SM}"),
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
+
+
+def split_tile(md, batch) -> str | None:
+    """ROWSxCOLSxWARPS of each program when the resident kernel splits systems, else None."""
+    chosen = fused_paths(md, batch)
+    if not (chosen["resident"] and chosen["parts"]):
+        return None
+    return "x".join(map(str, resident.split_shape(chosen["resident"], chosen["parts"])))
 
 
 def path(md, batch) -> str:
@@ -114,7 +122,8 @@ def add_arguments(parser):
     parser.add_argument("--shifts", choices=("int8", "packed"), default=None,
                         help="our neighbor lists' shift storage (default: the library's)")
     parser.add_argument("--split-tile", default=None, metavar="ROWSxCOLSxWARPS",
-                        help="split resident kernel: least rows per program, columns, warps")
+                        help="split resident kernel: least rows per program, walked column block, warps of "
+                             "blocks over resident.SMALL_BLOCK pairs")
     parser.add_argument("--resident-tile", default=None, metavar="ROWSxCOLSxWARPS",
                         help="resident NVE kernel's tile and warps (default: the library's)")
     parser.add_argument("--persistent-tile", default=None, metavar="ROWSxCOLSxWARPSxATOMSxPER_SM",

@@ -2,12 +2,15 @@
 atoms), without the run loop around it: one compiled ``resident.steps`` call of L and of 2L
 steps, timed alternately; the slope between them is the time per step, the rest the call's
 fixed cost. Variants set the split kernel's programs per system (``parts``), warps, column
-block and one-tile limit (``resident.WHOLE_TILE``).
+block and one-block limit (``resident.WHOLE_TILE``).
 
-    python benchmarks/probe_resident.py --batches 1 4 --variants p32:w4:t0 p32:w4 p64:w4 --out x.jsonl
+    python benchmarks/probe_resident.py --batches 1 4 --variants p32:s4:t0 auto p64:w2 --out x.jsonl
 
-A variant is ``pP`` (programs per system, 0: the unsplit kernel) then any of ``wW`` (warps),
-``cC`` (column block of the walked form), ``tT`` (``WHOLE_TILE``), joined with ``:``.
+A variant is ``auto`` (the library's choice) or ``pP`` (programs per system, 0: the unsplit
+kernel; ``resident.parts_for``'s when left out) and any of ``wW`` (warps,
+``SPLIT_WARPS``), ``sS`` (warps for blocks of at most ``SMALL_BLOCK`` pairs), ``cC``
+(column block when a program's pairs are walked), ``tT`` (``WHOLE_TILE``: the most pairs a
+program takes in one block), joined with ``:``. Unset knobs keep the library's values.
 """
 
 from __future__ import annotations
@@ -25,18 +28,21 @@ from peers import nve_inputs
 from nvalchemi_jax.dynamics import NVE, resident
 from nvalchemi_jax.models import LennardJones
 
-KNOBS = {"w": "SPLIT_WARPS", "c": "SPLIT_COLS", "t": "WHOLE_TILE"}
+KNOBS = {"w": "SPLIT_WARPS", "s": "SMALL_WARPS", "c": "SPLIT_COLS", "t": "WHOLE_TILE"}
 
 
 def parse(variant):
+    """``(programs per system or None, {knob: value})``."""
     parts, settings = None, {}
     for item in variant.split(":"):
+        if item == "auto":
+            continue
         if item[0] == "p":
             parts = int(item[1:])
-        else:
+        elif item[0] in KNOBS:
             settings[KNOBS[item[0]]] = int(item[1:])
-    if parts is None:
-        raise SystemExit(f"variant {variant!r} names no programs per system (pP)")
+        else:
+            raise SystemExit(f"variant {variant!r}: unknown item {item!r}")
     return parts, settings
 
 
@@ -61,7 +67,8 @@ def per_step(md, batch, state, width, parts, length, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1])
-    p.add_argument("--variants", nargs="+", default=["p32:w4:t0", "p32:w4"])
+    p.add_argument("--variants", nargs="+", default=["p32:s4:t0", "auto"],
+                   help="p32:s4:t0: the split kernel as it was until 2026-11-30 (session 18)")
     p.add_argument("--length", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=None)
@@ -76,6 +83,8 @@ def main(argv=None):
             parts, settings = parse(variant)
             for name, value in {**defaults, **settings}.items():
                 setattr(resident, name, value)
+            if parts is None:
+                parts = resident.parts_for(count, width)
             row = {**header(), "probe": "resident", "batch": count, "width": width, "variant": variant,
                    "parts": parts, **{name: getattr(resident, name) for name in KNOBS.values()}}
             try:

@@ -61,15 +61,15 @@ def test_matches_engine_on_a_mixed_batch(x64, kernels):
                                   np.asarray(batch.positions)[pinned])
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["walked", "one-tile"])
+@pytest.mark.parametrize("whole", [False, True], ids=["walked", "one-block"])
 def test_split_kernel_matches_engine(x64, kernels, whole):
     """The kernel that splits a system over several programs (for few systems on a GPU),
     with one part, as Pallas' interpreter runs it (its barrier needs the programs to run
     at once; the GPU check is benchmarks/check_kernels.py): the same states as the engine,
-    with the program's partners walked through memory and taken in one tile."""
+    with the program's partners walked a block at a time and taken in one block."""
     kernels.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "1")
     kernels.setattr(resident, "WHOLE_TILE", 1 << 20 if whole else 0)
-    jax.clear_caches()          # the chunk's jitted program reads WHOLE_TILE when traced
+    jax.clear_caches()          # the chunk's program reads WHOLE_TILE when it is traced
     batch = mixed_batch()
     model = LennardJones(**SHORT, shift=True, species=None)
     batch = batch.replace(atomic_numbers=jnp.where(batch.atom_mask, 18, batch.atomic_numbers))
@@ -81,12 +81,13 @@ def test_split_kernel_matches_engine(x64, kernels, whole):
 
 def test_parts_per_system(monkeypatch):
     """As many programs per system as keep the whole grid on an H200's 132 multiprocessors
-    at once, with at least 8 rows each (0: one program per system, the unsplit kernel);
+    at once (two per multiprocessor), with at least one row each (0: one program per
+    system, the unsplit kernel);
     never off GPUs; the override is checked."""
     monkeypatch.delenv("NVALCHEMI_JAX_RESIDENT_PARTS", raising=False)
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 132)
-    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 1024)] == [32, 32, 2, 2, 0, 0]
-    assert resident.parts_for(1, 32) == 4
+    assert [resident.parts_for(b, 256) for b in (1, 4, 64, 66, 67, 132, 133)] == [256, 64, 4, 4, 2, 2, 0]
+    assert resident.parts_for(1, 32) == 32
     monkeypatch.setattr(resident._pallas, "multiprocessors", lambda: 0)
     assert resident.parts_for(1, 256) == 0
     monkeypatch.setenv("NVALCHEMI_JAX_RESIDENT_PARTS", "1")

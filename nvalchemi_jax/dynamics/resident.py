@@ -49,19 +49,23 @@ NUM_WARPS = 8
 #: Smallest padded system (a power of two, as Triton's tiles are).
 MIN_WIDTH = 32
 #: Few systems leave most of the GPU idle (one program each): then each system is split
-#: over several programs (see :func:`parts_for`) of at least SPLIT_ROWS atoms' forces each,
-#: walking partners SPLIT_COLS at a time when they have at most 16 rows (else COLS). H200,
-#: W1 at B = 1 and 4 (results/w1_split_tiles_h200_2026-11-29.jsonl): 8 x 32 x 4 warps
-#: 2.55e7 / 1.08e8 atom-steps/s, 16 x 32 x 4 2.52e7 / 9.4e7, 16 x 16 x 4 2.3e7 / 8.4e7,
-#: 2 warps 5-15 % slower; a step takes ~10 µs however its work is split: the per-step
-#: barrier and the exchange bound it.
-SPLIT_ROWS = 8
+#: over several programs (see :func:`parts_for`), at most PER_SM per multiprocessor, each
+#: with the forces on at least SPLIT_ROWS atoms. A program takes all its pairs in one block
+#: when they number at most WHOLE_TILE, else walks its partners SPLIT_COLS at a time (COLS
+#: when it has more than 16 rows); SPLIT_WARPS per program, SMALL_WARPS for blocks of at
+#: most SMALL_BLOCK pairs. The step is bound by latency (the barrier among programs, memory round trips),
+#: so more, smaller programs and fewer blocks win. H200, device time per step
+#: (results/probe_resident_h200_2026-11-30_variants*.jsonl): B = 1 2.70 µs in 256 programs
+#: of one row, one block, 2 warps (4.41 µs in 32 programs of 8 rows walked 32 columns at
+#: a time, as before); B = 4 3.87 against 4.56 µs (64 programs of 4 rows); B = 64 18.2
+#: against 28.6 µs (4 programs of 64 rows; unsplit 28.3).
+SPLIT_ROWS = 1
+PER_SM = 2
 SPLIT_COLS = 32
 SPLIT_WARPS = 4
-#: A split program whose rows x atoms pairs number at most this many takes them in one
-#: tile, its partners straight from the positions it integrates (registers), instead of
-#: walking them from memory: the walk waits on a memory round trip per block of columns.
 WHOLE_TILE = 2048
+SMALL_BLOCK = 256
+SMALL_WARPS = 2
 
 
 def enabled() -> bool:
@@ -107,11 +111,12 @@ def plan(dyn, batch: Batch) -> int:
 
 def parts_for(num_systems: int, width: int) -> int:
     """Host side: programs per system of the split kernel (:func:`call_split`), 0 for one
-    program per system (:func:`call`). Split (a power of two) when that keeps every program
-    of the grid running at once (one per multiprocessor) with at least ``SPLIT_ROWS`` rows
-    each; never off GPUs. ``NVALCHEMI_JAX_RESIDENT_PARTS`` overrides it: 0 never splits, 1
-    runs the split kernel with one part (tests: Pallas' interpreter runs programs one after
-    another, so more parts need a GPU)."""
+    program per system (:func:`call`). Split (a power of two) when every program of the grid
+    still runs at once (``PER_SM`` per multiprocessor: a program of a few warps and
+    registers leaves room for more) with at least ``SPLIT_ROWS`` rows each; never off GPUs.
+    ``NVALCHEMI_JAX_RESIDENT_PARTS`` overrides it: 0 never splits, 1 runs the split kernel
+    with one part (tests: Pallas' interpreter runs programs one after another, so more parts
+    need a GPU)."""
     forced = os.environ.get("NVALCHEMI_JAX_RESIDENT_PARTS")
     if forced:
         parts = int(forced)
@@ -123,9 +128,16 @@ def parts_for(num_systems: int, width: int) -> int:
         return parts
     sms = _pallas.multiprocessors()
     parts = 1
-    while 2 * parts * num_systems <= sms and width // (2 * parts) >= SPLIT_ROWS:
+    while 2 * parts * num_systems <= PER_SM * sms and width // (2 * parts) >= SPLIT_ROWS:
         parts *= 2
     return parts if parts > 1 else 0
+
+
+def split_shape(width: int, parts: int) -> tuple[int, int, int]:
+    """Host side: rows, column block and warps of each program of the split kernel."""
+    rows = width // parts
+    cols = width if rows * width <= WHOLE_TILE else min(SPLIT_COLS if rows <= 16 else COLS, width)
+    return rows, cols, SMALL_WARPS if rows * cols <= SMALL_BLOCK else SPLIT_WARPS
 
 
 def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
@@ -353,16 +365,15 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
     dtype = x.dtype
     names, flat, is_table, cell, inverse, interpret, extra = _inputs(params, num_species, cell, dtype,
                                                                      interpret)
-    cols = min(SPLIT_COLS if width // parts <= 16 else COLS, width)
-    whole = (width // parts) * width <= WHOLE_TILE
-    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, whole=whole, term=term,
+    _, cols, warps = split_shape(width, parts)
+    kernel = functools.partial(_split_kernel, width=width, parts=parts, cols=cols, term=term,
                                names=tuple(names), is_table=tuple(is_table), rc2=cutoff * cutoff,
                                num_species=num_species, dtype=dtype, interpret=interpret)
     n = x.shape[0]
     shape = lambda size, dt=dtype: jax.ShapeDtypeStruct((size + extra,), dt)
     out_shape = [shape(n), shape(n), shape(n), shape(s * parts * 2), shape(n * parts), shape(n * parts),
                  shape(2 * n), shape(s, jnp.int32)]
-    run = _pallas.call(kernel, out_shape, s * parts, SPLIT_WARPS, "resident_nve_split", interpret,
+    run = _pallas.call(kernel, out_shape, s * parts, warps, "resident_nve_split", interpret,
                        aliases={10: 7})
     counter = jnp.zeros((s + extra,), jnp.int32)
     outs = run(x, v, f, kind, inv_mass, cell.reshape(-1), inverse.reshape(-1), dt.astype(dtype),
@@ -377,8 +388,8 @@ def call_split(term, cutoff, params, num_species, x, v, f, kind, inv_mass, cell,
 
 
 def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_ref, count_ref, e_ref,
-                  counter_in, *refs, width, parts, cols, whole, term, names, is_table, rc2, num_species,
-                  dtype, interpret):
+                  counter_in, *refs, width, parts, cols, term, names, is_table, rc2, num_species, dtype,
+                  interpret):
     """:func:`_kernel` for few systems: program ``p`` of a system evaluates the forces on its
     ``width / parts`` rows against every atom, writes them to a shared buffer, and waits at a
     barrier for the system's other programs (:func:`~nvalchemi_jax._pallas.barrier`, which
@@ -424,19 +435,6 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         return _pair_block(acc, atoms, partners, x_i, s_i, kind_i, x_j, s_j, kind_j, cell, rc2, term,
                            scalars, tables, num_species)
 
-    pick = lanes[None, :] == atoms[:, None]          # (rows, width): this program's rows
-
-    def pairs(x, frac):
-        """All of this program's pairs at once: every atom's position is in registers, and
-        its rows are picked out of them (a sum with one term: exact)."""
-        x_j = [x[a][None, :] for a in range(3)]
-        s_j = [frac[a][None, :] for a in range(3)]
-        row = lambda col: jnp.sum(jnp.where(pick, col, 0.0), axis=1)[:, None]
-        x_i, s_i = [row(c) for c in x_j], [row(c) for c in s_j]
-        zero = jnp.zeros((rows, width), dtype)
-        return _pair_block((zero,) * 4, atoms, lanes, x_i, s_i, kind_i, x_j, s_j, kind[None, :], cell,
-                           rc2, term, scalars, tables, num_species)
-
     def arrive_and_wait(t, stuck):
         """The system's barrier of step ``t``: True if it gave up waiting (now or before:
         then it no longer waits, and its results are NaN, see below)."""
@@ -449,15 +447,12 @@ def _split_kernel(x_ref, v_ref, f_ref, kind_ref, im_ref, cell_ref, inv_ref, dt_r
         v = [v[a] + 0.5 * dt * inv_mass * f[a] for a in range(3)]
         x = [x[a] + dt * v[a] for a in range(3)]
         frac = _fractional(x, inverse)
-        if whole:
-            acc = pairs(x, frac)
-        else:
-            for a in range(3):
-                put(xs_ref, own + a * width + lanes, x[a])
-                put(ss_ref, own + a * width + lanes, frac[a])
-            barrier()
-            zero = jnp.zeros((rows, cols), dtype)
-            acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
+        for a in range(3):
+            put(xs_ref, own + a * width + lanes, x[a])
+            put(ss_ref, own + a * width + lanes, frac[a])
+        barrier()
+        zero = jnp.zeros((rows, cols), dtype)
+        acc = jax.lax.fori_loop(0, width // cols, block, (zero,) * 4)
         half = (system * 2 + (t & 1)) * 3 * width
         for a in range(3):
             put(fx_ref, half + a * width + atoms, jnp.where(mobile_i, 2.0 * jnp.sum(acc[1 + a], axis=1), 0.0))
