@@ -77,8 +77,8 @@ def ours(positions, cell, velocities, steps, chunk, skin, timings=1):
 def split_tile(md, batch) -> str | None:
     """ROWSxCOLSxWARPS of each program when the resident kernel splits systems, else None."""
     chosen = fused_paths(md, batch)
-    if not (chosen["resident"] and chosen["parts"]):
-        return None
+    if not (chosen["resident"] and chosen["parts"]) or not hasattr(resident, "split_shape"):
+        return None     # (older versions in ab.py runs have no split_shape)
     return "x".join(map(str, resident.split_shape(chosen["resident"], chosen["parts"])))
 
 
