@@ -102,6 +102,23 @@ def test_parts_per_system(monkeypatch):
             resident.parts_for(1, 256)
 
 
+def test_split_program_shapes():
+    """Rows, partners per block and warps of a split program: one block up to 2,048 pairs,
+    then 32 partners at a time (16 beyond 16 rows); two warps for blocks up to 256 pairs;
+    a warp count whose programs may not fit two to a multiprocessor is refused."""
+    shapes = {(w, p): resident.split_shape(w, p) for w, p in [(256, 256), (256, 64), (256, 8), (256, 4),
+                                                               (256, 1), (32, 32)]}
+    assert shapes == {(256, 256): (1, 256, 2), (256, 64): (4, 256, 4), (256, 8): (32, 16, 4),
+                      (256, 4): (64, 16, 4), (256, 1): (256, 16, 4), (32, 32): (1, 32, 2)}
+    assert resident.split_shape(512, 32) == (16, 32, 4)       # 8,192 pairs: walked, 32 at a time
+
+
+def test_split_programs_must_fit_together(monkeypatch):
+    monkeypatch.setattr(resident, "SPLIT_WARPS", 8)
+    with pytest.raises(ValueError, match="may not fit"):
+        resident.split_shape(256, 64)
+
+
 def test_a_failing_system_leaves_the_others(x64, kernels):
     """A non-finite velocity in system 1 fails it (named reason, reset to the chunk's start);
     systems 0 and 2 run on exactly as the engine runs them."""

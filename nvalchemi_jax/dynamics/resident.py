@@ -53,12 +53,14 @@ MIN_WIDTH = 32
 #: with the forces on at least SPLIT_ROWS atoms. A program takes all its pairs in one block
 #: when they number at most WHOLE_TILE, else walks its partners SPLIT_COLS at a time (COLS
 #: when it has more than 16 rows); SPLIT_WARPS per program, SMALL_WARPS for blocks of at
-#: most SMALL_BLOCK pairs. The step is bound by latency (the barrier among programs, memory round trips),
-#: so more, smaller programs and fewer blocks win. H200, device time per step
+#: most SMALL_BLOCK pairs. The step is bound by latency (the barrier among programs, memory
+#: round trips), so more, smaller programs and fewer blocks win. H200, device time per step
 #: (results/probe_resident_h200_2026-11-30_variants*.jsonl): B = 1 2.70 µs in 256 programs
 #: of one row, one block, 2 warps (4.41 µs in 32 programs of 8 rows walked 32 columns at
 #: a time, as before); B = 4 3.87 against 4.56 µs (64 programs of 4 rows); B = 64 18.2
-#: against 28.6 µs (4 programs of 64 rows; unsplit 28.3).
+#: against 28.6 µs (4 programs of 64 rows; unsplit 28.2). PER_SM programs must fit on a
+#: multiprocessor at once whatever their registers: 2 x 4 warps x 32 threads x 255
+#: registers fit in its 65,536 (more warps may not, and the barrier would then give up).
 SPLIT_ROWS = 1
 PER_SM = 2
 SPLIT_COLS = 32
@@ -135,6 +137,9 @@ def parts_for(num_systems: int, width: int) -> int:
 
 def split_shape(width: int, parts: int) -> tuple[int, int, int]:
     """Host side: rows, column block and warps of each program of the split kernel."""
+    if PER_SM * max(SPLIT_WARPS, SMALL_WARPS) * 32 * 255 > 65536:
+        raise ValueError(f"{PER_SM} programs of up to {max(SPLIT_WARPS, SMALL_WARPS)} warps may not fit "
+                         "on a multiprocessor at once, as the split kernel's barrier needs")
     rows = width // parts
     cols = width if rows * width <= WHOLE_TILE else min(SPLIT_COLS if rows <= 16 else COLS, width)
     return rows, cols, SMALL_WARPS if rows * cols <= SMALL_BLOCK else SPLIT_WARPS
