@@ -205,8 +205,9 @@ def _persistent_steps(advance, out, nl, trips, grid, batch, *, skin, kick, dt, m
     stopped for a rebuild, the list is rebuilt; after one that met a non-finite value at
     index i, the chunk ends there: index i is taken by ``advance`` (the engine's failure
     handling) as the chunk's last (``end_early``), and the run loop goes on. Also returns
-    whether the kernel's barrier ran out (see :func:`_barrier_lost`), and the chunk's last index (``trips - 1``, or earlier when its segments ran out: then
-    each system's ``count`` is cut to it, see ``end_early``)."""
+    whether the kernel's barrier ran out (see :func:`_barrier_lost`), and the chunk's last
+    index (``trips - 1``, or earlier when its segments ran out: then each system's ``count``
+    is cut to it, see ``end_early``)."""
     x4, v, f, e, e_prev, count, status, failure = out
     n = x4.shape[0]
     spare = _pallas.spare(_pallas.interpreted(None))     # the interpreter's row for masked stores

@@ -137,12 +137,13 @@ def parts_for(num_systems: int, width: int) -> int:
 
 def split_shape(width: int, parts: int) -> tuple[int, int, int]:
     """Host side: rows, column block and warps of each program of the split kernel."""
-    if PER_SM * max(SPLIT_WARPS, SMALL_WARPS) * 32 * 255 > 65536:
-        raise ValueError(f"{PER_SM} programs of up to {max(SPLIT_WARPS, SMALL_WARPS)} warps may not fit "
-                         "on a multiprocessor at once, as the split kernel's barrier needs")
     rows = width // parts
     cols = width if rows * width <= WHOLE_TILE else min(SPLIT_COLS if rows <= 16 else COLS, width)
-    return rows, cols, SMALL_WARPS if rows * cols <= SMALL_BLOCK else SPLIT_WARPS
+    warps = SMALL_WARPS if rows * cols <= SMALL_BLOCK else SPLIT_WARPS
+    if PER_SM * warps * 32 * 255 > 65536:       # threads x most registers each, per multiprocessor
+        raise ValueError(f"{PER_SM} programs of {warps} warps may not fit on a multiprocessor at once, "
+                         "as the split kernel's barrier needs")
+    return rows, cols, warps
 
 
 def step_counts(dyn, state, batch: Batch, limit) -> jax.Array:
