@@ -33,6 +33,9 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
   for one chunk behind (``run``'s queue), the launcher thread (every chunk launched from
   it, as ``run`` did until 2026-11-30), then ``run()`` itself;
   alternating, medians;
+- ``launches``: ``run()`` of ``--steps`` in chunks of ``--chunk`` with the host's time in
+  each chunk's launch recorded (``run_chunk`` or, where it exists, ``run_chained_chunk``),
+  against the run's wall time per chunk: the host's margin;
 - ``timeline``: ``jax.profiler``'s device events of one ``run()`` of ``--steps`` in chunks of
   ``--chunk``: when the device starts and stops within the run, its idle time, the largest
   idle gaps with the kernels either side, and the time between the big kernels' launches.
@@ -460,9 +463,52 @@ def timeline(md, batch, state, path, steps=1000, chunk=100, top=25):
     return out
 
 
+def launches(md, batch, state, path, steps=1000, chunk=100, rounds=7):
+    """``run()`` with the host's time in each chunk's launch recorded (the compiled chunk's
+    call, whichever the run uses: ``run_chunk``, or ``run_chained_chunk`` where it
+    exists), and each run's wall time: how much of a chunk's device time the host's launch
+    takes, the margin that a busy host eats into."""
+    from nvalchemi_jax.dynamics import run as run_module
+
+    names = [name for name in ("run_chunk", "run_chained_chunk") if hasattr(run_module, name)]
+    originals = {name: getattr(run_module, name) for name in names}
+    spent = []
+
+    def timed_launch(name):
+        def launch(*args, **kwargs):
+            t0 = time.perf_counter()
+            result = originals[name](*args, **kwargs)
+            spent.append((name, (time.perf_counter() - t0) * 1e6))
+            return result
+        return launch
+
+    jax.block_until_ready(md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state)
+    walls = []
+    try:
+        for name in names:
+            setattr(run_module, name, timed_launch(name))
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            jax.block_until_ready(md.run(batch, state=state, max_steps=steps, chunk_size=chunk).state)
+            walls.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        for name, fn in originals.items():
+            setattr(run_module, name, fn)
+    used = sorted({name for name, _ in spent})
+    per_launch = [us for _, us in spent]
+    out = {"steps": steps, "chunk": chunk, "launched": used, "launches": len(per_launch),
+           "launch_us_median": float(np.median(per_launch)),
+           "launch_us_quartiles": [float(q) for q in np.percentile(per_launch, [25, 75])],
+           "launch_us_max": float(np.max(per_launch)), "run_us_median": float(np.median(walls)),
+           "run_us": [round(w) for w in walls],
+           "run_us_per_chunk": float(np.median(walls)) / -(-steps // chunk)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 MODES = {"overhead": overhead, "variants": variants, "sync-first": sync_first, "pieces": pieces,
          "queue-ab": queue_ab, "profile": profile, "lengths": lengths, "host-trace": host_trace, "timeline": timeline,
-         "stamps": stamps, "copies": copies}
+         "stamps": stamps, "copies": copies, "launches": launches}
 
 
 def main(argv=None):
@@ -471,8 +517,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="FCC cells per edge (20: 32,000 atoms)")
     p.add_argument("--count", type=int, default=1, help="crystals (W1: --count 1 --repeats 4 --skin 1)")
     p.add_argument("--skin", type=float, default=1.3)
-    p.add_argument("--steps", type=int, default=1000, help="queue-ab, timeline, stamps, copies: steps per run")
-    p.add_argument("--chunk", type=int, default=100, help="queue-ab, timeline, stamps, copies: steps per chunk")
+    p.add_argument("--steps", type=int, default=1000, help="queue-ab, timeline, stamps, copies, launches: steps per run")
+    p.add_argument("--chunk", type=int, default=100, help="queue-ab, timeline, stamps, copies, launches: steps per chunk")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batch = batch_of(*nve_inputs(args.count, args.repeats))
@@ -482,7 +528,8 @@ def main(argv=None):
     path = fused_paths(md, batch)
     row = {**header(), "probe": args.mode, "atoms": int(batch.num_atoms), "systems": args.count, "skin": args.skin,
            "path": {k: int(v) for k, v in path.items()}}
-    extra = dict(steps=args.steps, chunk=args.chunk) if args.mode in ("queue-ab", "timeline", "stamps", "copies") else {}
+    extra = (dict(steps=args.steps, chunk=args.chunk)
+             if args.mode in ("queue-ab", "timeline", "stamps", "copies", "launches") else {})
     row.update(MODES[args.mode](md, batch, state, path, **extra))
     print(json.dumps(row))
     if args.out:
