@@ -34,7 +34,7 @@ chunk's do. Modes, each printing one JSON object (appended to ``--out``):
   it, as ``run`` did until 2026-11-30), then ``run()`` itself;
   alternating, medians;
 - ``launches``: ``run()`` of ``--steps`` in chunks of ``--chunk`` with the host's time in
-  each chunk's launch recorded (``run_chunk`` or, where it exists, ``run_chained_chunk``),
+  each chunk's launch recorded (``run_chunk``, or ``run_chained_chunk`` where a version has it),
   against the run's wall time per chunk: the host's margin;
 - ``timeline``: ``jax.profiler``'s device events of one ``run()`` of ``--steps`` in chunks of
   ``--chunk``: when the device starts and stops within the run, its idle time, the largest
@@ -465,9 +465,9 @@ def timeline(md, batch, state, path, steps=1000, chunk=100, top=25):
 
 def launches(md, batch, state, path, steps=1000, chunk=100, rounds=7):
     """``run()`` with the host's time in each chunk's launch recorded (the compiled chunk's
-    call, whichever the run uses: ``run_chunk``, or ``run_chained_chunk`` where it
-    exists), and each run's wall time: how much of a chunk's device time the host's launch
-    takes, the margin that a busy host eats into."""
+    call: ``run_chunk``, or ``run_chained_chunk`` in versions that have it, such as the
+    session-19 experiment with the state donated), and each run's wall time: how much of
+    a chunk's time the host's launch takes, the margin that a busy host eats into."""
     from nvalchemi_jax.dynamics import run as run_module
 
     names = [name for name in ("run_chunk", "run_chained_chunk") if hasattr(run_module, name)]
