@@ -464,10 +464,11 @@ def timeline(md, batch, state, path, steps=1000, chunk=100, top=25):
 
 
 def launches(md, batch, state, path, steps=1000, chunk=100, rounds=7):
-    """``run()`` with the host's time in each chunk's launch recorded (the compiled chunk's
-    call: ``run_chunk``, or ``run_chained_chunk`` in versions that have it, such as the
-    session-19 experiment with the state donated), and each run's wall time: how much of
-    a chunk's time the host's launch takes, the margin that a busy host eats into."""
+    """``run()`` with the host's time in each chunk's compiled call recorded (``run_chunk``,
+    or ``run_chained_chunk`` in versions that have it, such as the session-19 experiment
+    with the state donated), and each run's wall time per chunk launched: how much of a
+    chunk's time its compiled call takes on the host. The run loop's own work (the copies
+    it queues, its waits) comes on top, so the margin a busy host eats into is smaller."""
     from nvalchemi_jax.dynamics import run as run_module
 
     names = [name for name in ("run_chunk", "run_chained_chunk") if hasattr(run_module, name)]
@@ -494,14 +495,18 @@ def launches(md, batch, state, path, steps=1000, chunk=100, rounds=7):
     finally:
         for name, fn in originals.items():
             setattr(run_module, name, fn)
+    if not spent:
+        raise RuntimeError(f"no chunk launch was timed: run() called none of {names}")
     used = sorted({name for name, _ in spent})
     per_launch = [us for _, us in spent]
+    per_run = len(per_launch) / rounds      # more than steps / chunk when chunks end early
     out = {"steps": steps, "chunk": chunk, "launched": used, "launches": len(per_launch),
+           "launches_per_run": per_run,
            "launch_us_median": float(np.median(per_launch)),
            "launch_us_quartiles": [float(q) for q in np.percentile(per_launch, [25, 75])],
            "launch_us_max": float(np.max(per_launch)), "run_us_median": float(np.median(walls)),
            "run_us": [round(w) for w in walls],
-           "run_us_per_chunk": float(np.median(walls)) / -(-steps // chunk)}
+           "run_us_per_chunk": float(np.median(walls)) / per_run}
     print(json.dumps(out), flush=True)
     return out
 

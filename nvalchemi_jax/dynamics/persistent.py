@@ -69,12 +69,12 @@ STAGES = 2
 AUTO_MAX_ATOMS = 65_536
 #: Kernel calls per chunk, as a fixed sequence of skippable segments (a rebuild or a
 #: non-finite step ends a call); a chunk that needs more ends early. XLA runs the segments
-#: as a loop on the host, one CUDA graph launch each, so fewer make a cheaper launch. 4
-#: against 8 (H200, 2026-11-30, W2 at 32,000 atoms in chunks of 100, same call, alternating;
-#: results/w2_segments_ab_h200_2026-11-30_{c,d}*, probe_dispatch_..._launches_segments*):
-#: host time per launch 1.65 -> 1.44 ms; 1.031-1.046e9 -> 1.051-1.063e9 atom-steps/s with a
-#: 1.3 Å skin (no rebuild), 6.66-6.71e8 -> 6.71-6.75e8 with 1 Å (a rebuild every ~30
-#: steps), where 2 fell to 6.13e8 (its chunks end early).
+#: as a loop on the host, one CUDA graph launch each. 4 against 8 (H200, 2026-11-30, W2 at
+#: 32,000 atoms in chunks of 100, same calls, alternating; results/w2_segments_ab_h200_
+#: 2026-11-30_{c,d}*): 1.031-1.046e9 -> 1.051-1.063e9 atom-steps/s with a 1.3 Å skin (no
+#: rebuild), 6.66-6.71e8 -> 6.71-6.75e8 with 1 Å (a rebuild every ~30 steps), where 2 fell
+#: to 6.13e8 (its chunks end early); the chunk's host time per launch 1.65 -> 1.44 ms (one
+#: process each, probe_dispatch_..._launches_segments*).
 SEGMENTS = 4
 #: Parts of a step left out, for timing probes only (benchmarks/probe_persistent.py):
 #: "pairs" (the pair sums), "barrier" (the grid barrier and verdicts: results are wrong).
