@@ -101,6 +101,38 @@ def test_a_list_that_overflows_inside_a_chunk(x64, kernels):
     assert_same_states(fast.state, slow.state, rebuilds=os.environ["NVALCHEMI_JAX_PERSISTENT"] == "0")
 
 
+def test_a_run_matches_chunks_chained_by_hand(x64, kernels):
+    """``run``'s chunks, queued ahead of the host, give the result of chunks chained by hand
+    from the caller's state, which stays as it was; a second run compiles nothing, and a
+    run from the finished state hands it back without a step. The list is rebuilt inside
+    the chunks (skin 0.2 Å, 300 K), so persistent chunks also end early."""
+    from nvalchemi_jax.dynamics.run import run_chunk
+
+    batch = argon_batch(repeats=[(2, 2, 2), (3, 2, 2)], temperature=300.0)
+    md = NVE(model=LennardJones(**SHORT, shift=True), dt=5.0, n_steps=40, skin=0.2)
+    state = md.init(batch)
+    host = lambda s: [np.array(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                               else x) for x in jax.tree.leaves(s)]
+    kept = host(state)
+    md.run(batch, state=state, max_steps=10, chunk_size=10)      # compiles a run's programs
+    with _helpers.count_compilations() as compiled:
+        result = md.run(batch, state=state, chunk_size=10)
+    assert compiled[0] == 0
+    assert result.steps == 40 and int(result.state.neighbors.rebuilds.max()) > 0
+    for now, before in zip(host(state), kept, strict=True):
+        np.testing.assert_array_equal(now, before)
+
+    by_hand, path = state, fused_paths(md, batch)
+    assert path["fused"]
+    while int(by_hand.global_step) < 40:
+        by_hand, _ = run_chunk(md, by_hand, batch, min(10, 40 - int(by_hand.global_step)), length=10, **path)
+    assert_same_states(result.state, by_hand, rtol=1e-12, atol=1e-13)
+
+    again = md.run(batch, state=result.state, chunk_size=10)
+    assert again.chunks == 0 and again.steps == 40
+    assert_same_states(again.state, result.state, rtol=0, atol=0)
+
+
 def test_a_failing_system_leaves_the_others(x64, kernels):
     """A non-finite velocity in system 1 fails it (named reason, back to its last finite
     step, as the engine does); systems 0 and 2 run on exactly as the engine runs them."""
