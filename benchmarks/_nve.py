@@ -58,33 +58,34 @@ def ours(positions, cell, velocities, steps, chunk, skin, timings=1):
     seconds = float(np.median(samples))
     atoms, taken = count * n, result.steps - warm.steps
     nl = result.state.neighbors
+    chosen = fused_paths(md, batch)
     return {"peer": "nvalchemi-jax", "version": nj.__version__, "atoms": atoms, "batch": count,
             "steps": taken, "seconds": seconds, "atom_steps_per_s": atoms * taken / seconds,
             "compile_or_warmup_s": first, "timed_runs_s": samples, "peak_bytes": peak_bytes(), "skin": skin,
             "max_neighbors": nl.spec.max_neighbors, "neighbor_method": nl.spec.method,
-            "shift_dtype": nl.spec.shift_dtype, "resident_width": resident.plan(md, batch),
-            "path": path(md, batch),
+            "shift_dtype": nl.spec.shift_dtype, "resident_width": chosen["resident"],
+            "path": path(chosen),
             "resident_tile": f"{resident.ROWS}x{resident.COLS}x{resident.NUM_WARPS}",
-            "resident_parts": fused_paths(md, batch)["parts"],
-            "split_tile": split_tile(md, batch),
-            "persistent_grid": fused_paths(md, batch)["grid"],
+            "resident_parts": chosen["parts"],
+            "split_tile": split_tile(chosen),
+            "persistent_grid": chosen["grid"],
             "persistent_tile": (f"{persistent.ROWS}x{persistent.COLS}x{persistent.WARPS}"
                                 f"x{persistent.ATOMS}x{persistent.PER_SM}"),
             "rebuilds_per_step": float(np.asarray(nl.rebuilds).max()) / result.steps,
             "lj_form": "shifted", "chunk": chunk}
 
 
-def split_tile(md, batch) -> str | None:
-    """ROWSxCOLSxWARPS of each program when the resident kernel splits systems, else None."""
-    chosen = fused_paths(md, batch)
+def split_tile(chosen) -> str | None:
+    """ROWSxCOLSxWARPS of each program when the resident kernel splits systems (``chosen``:
+    ``fused_paths``' answer), else None."""
     if not (chosen["resident"] and chosen["parts"]) or not hasattr(resident, "split_shape"):
         return None     # (older versions in ab.py runs have no split_shape)
     return "x".join(map(str, resident.split_shape(chosen["resident"], chosen["parts"])))
 
 
-def path(md, batch) -> str:
-    """How our run steps: resident kernels, the leapfrog path, or the engine."""
-    chosen = fused_paths(md, batch)
+def path(chosen) -> str:
+    """How our run steps (``chosen``: ``fused_paths``' answer): resident kernels, the
+    persistent kernel, the leapfrog path, or the engine."""
     return ("resident" if chosen["resident"] else "persistent" if chosen["grid"]
             else "leapfrog" if chosen["fused"] else "engine")
 
